@@ -1,0 +1,101 @@
+"""ESM-2 as the engine's pluggable model: tokenise a batch, run the forward pass, pool on the device."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from esm.data import BatchConverter
+
+from extract.errors import UserError
+from extract.model_loading import LoadedModel
+from extract.output_file import RowDataset
+
+CPU_TOKEN_BUDGET = 4096
+MAX_TOKEN_BUDGET = 1 << 20
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPUs of compute capability 8.0 or newer, fp32 everywhere else."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def resolve_layers(requested: Sequence[int], num_layers: int) -> list[int]:
+    """fair-esm's meaning: negative counts from the end, so -1 is the last layer; 0 is the embeddings."""
+    layers = []
+    for layer in requested:
+        if not -(num_layers + 1) <= layer <= num_layers:
+            raise UserError(f"--repr-layers {layer}: the model has layers 0 to {num_layers} "
+                            f"(or -{num_layers + 1} to -1 counted from the end)")
+        absolute = (layer + num_layers + 1) % (num_layers + 1)
+        if absolute not in layers:
+            layers.append(absolute)
+    return layers
+
+
+class Esm2Embedder:
+    """Mean embeddings over residues (BOS, EOS and padding excluded), after fair-esm's truncation."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
+                 repr_layers: Sequence[int], truncation_seq_length: int):
+        self.loaded = loaded
+        self.device = device
+        self.dtype = dtype
+        self.layers = resolve_layers(repr_layers, loaded.num_layers)
+        self.truncation_seq_length = truncation_seq_length
+        self.model = loaded.model.eval().to(device=device, dtype=dtype)
+        self._converter = BatchConverter(loaded.alphabet, truncation_seq_length)
+
+    def datasets(self) -> list[RowDataset]:
+        return [RowDataset(f"mean/layer_{layer}", self.loaded.embed_dim) for layer in self.layers]
+
+    def tokens_per_row(self, lengths: np.ndarray) -> np.ndarray:
+        """Tokens the model sees for each row: truncated residues plus BOS and EOS."""
+        return np.minimum(lengths, self.truncation_seq_length) + 2
+
+    def settings(self) -> dict:
+        return {
+            "model": self.loaded.name,
+            "random_weights": self.loaded.random_weights,
+            "num_layers": self.loaded.num_layers,
+            "embed_dim": self.loaded.embed_dim,
+            "repr_layers": self.layers,
+            "truncation_seq_length": self.truncation_seq_length,
+            "compute_dtype": dtype_name(self.dtype),
+        }
+
+    @torch.inference_mode()
+    def embed(self, sequences: list[str]) -> dict[str, np.ndarray]:
+        _, _, tokens = self._converter([("", seq) for seq in sequences])
+        tokens = tokens.to(self.device, non_blocking=True)
+        representations = self.model(tokens, repr_layers=self.layers)["representations"]
+        residues = (tokens != self.model.padding_idx) & (tokens != self.model.cls_idx) & (tokens != self.model.eos_idx)
+        counts = residues.sum(1, keepdim=True).float()
+        weights = residues.unsqueeze(-1).float()
+        return {
+            f"mean/layer_{layer}": ((representations[layer].float() * weights).sum(1) / counts).cpu().numpy()
+            for layer in self.layers
+        }
+
+    def auto_token_budget(self) -> int:
+        """Padded tokens per batch: fair-esm's 4096 on the CPU; on a GPU at least the seed plan's
+        2048 (fp32) / 3072 (16-bit), more where half the free memory holds it."""
+        if self.device.type != "cuda":
+            return CPU_TOKEN_BUDGET
+        floor = 2048 if self.dtype == torch.float32 else 3072
+        free_bytes, _ = torch.cuda.mem_get_info(self.device)
+        element = torch.finfo(self.dtype).bits // 8
+        model = self.model
+        # One layer's activations per token, plus an fp32 row of full-length attention scores per head.
+        per_token = element * model.embed_dim * 12 + 4 * model.attention_heads * (self.truncation_seq_length + 2)
+        return int(max(floor, min(MAX_TOKEN_BUDGET, free_bytes // 2 // per_token)))

@@ -1,0 +1,88 @@
+"""Protein FASTA in, ESM-2 embeddings out, in one HDF5 file.
+
+    torchrun --nproc_per_node=N extract/esm_features.py --model M --fasta F [F ...] --out OUT.h5
+    python extract/esm_features.py ...        # the same, one process
+
+In-process, for jobs that already run a process group: `from extract.esm_features import main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # started as a script: make the `extract` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from extract import fasta, runtime  # noqa: E402
+from extract.engine import JobSettings, run_job  # noqa: E402
+from extract.errors import JobError, UserError  # noqa: E402
+from extract.esm2_embedder import DTYPES, Esm2Embedder, choose_dtype  # noqa: E402
+from extract.model_loading import load_model  # noqa: E402
+
+
+def create_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True,
+                        help="fair-esm name (e.g. esm2_t33_650M_UR50D), path to a fair-esm .pt, or random:<name>")
+    parser.add_argument("--fasta", required=True, nargs="+", type=Path, help="protein FASTA files, plain or gzip")
+    parser.add_argument("--out", required=True, type=Path, help="the HDF5 output file")
+    parser.add_argument("--repr-layers", type=int, nargs="+", default=[-1],
+                        help="layers to keep; negative counts from the end, 0 is the embeddings (default: -1)")
+    parser.add_argument("--include", nargs="+", choices=["mean"], default=["mean"],
+                        help="representations to store (default: mean)")
+    parser.add_argument("--toks-per-batch", default="auto", type=_token_budget,
+                        help="padded tokens per batch, or auto (default)")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="compute precision; auto is bf16 on GPUs of compute capability >= 8.0, else fp32")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--truncation-seq-length", type=int, default=1022,
+                        help="residues kept per sequence, as in fair-esm's extract (default: 1022)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output made differently")
+    parser.add_argument("--progress-seconds", type=float, default=30.0, help="seconds between progress lines")
+    return parser
+
+
+def _token_budget(text: str) -> str | int:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number or auto")
+    return int(text)
+
+
+def run(args: argparse.Namespace) -> None:
+    """The whole job for this rank; raises UserError or JobError when it cannot finish."""
+    started = time.monotonic()
+    identity = runtime.RankIdentity.from_env()
+    log = runtime.rank_logger(identity)
+    device = runtime.choose_device(args.device, identity)
+    with runtime.process_group(identity, device):
+        inputs = fasta.read_inputs(args.fasta)
+        loaded = load_model(args.model, lambda: runtime.local_leader_first(identity))
+        embedder = Esm2Embedder(loaded, device, choose_dtype(args.dtype, device), args.repr_layers,
+                                args.truncation_seq_length)
+        budget = embedder.auto_token_budget() if args.toks_per_batch == "auto" else args.toks_per_batch
+        if identity.is_leader:
+            log.info("%d proteins from %d file(s); model %s%s on %s in %s", len(inputs), len(args.fasta),
+                     loaded.name, " (random weights)" if loaded.random_weights else "", device,
+                     embedder.settings()["compute_dtype"])
+        run_job(identity, inputs, embedder, JobSettings(args.out, budget, args.overwrite, args.progress_seconds),
+                log, started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the job; returns the exit code: 0 complete, 2 bad usage or input, 1 otherwise."""
+    args = create_parser().parse_args(argv)
+    try:
+        run(args)
+    except (UserError, JobError) as err:
+        print(f"esm_features: error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Loading ESM-2 once per rank: by fair-esm name, by path to a fair-esm `.pt`, or `random:<name>`."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from argparse import Namespace
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import esm
+import torch
+from esm.model.esm2 import ESM2
+
+from extract.errors import UserError
+
+# fair-esm's published ESM-2 models: name -> (layers, embed_dim, attention_heads).
+ESM2_ARCHITECTURES = {
+    "esm2_t6_8M_UR50D": (6, 320, 20),
+    "esm2_t12_35M_UR50D": (12, 480, 20),
+    "esm2_t30_150M_UR50D": (30, 640, 20),
+    "esm2_t33_650M_UR50D": (33, 1280, 20),
+    "esm2_t36_3B_UR50D": (36, 2560, 40),
+    "esm2_t48_15B_UR50D": (48, 5120, 40),
+}
+HUB_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
+RANDOM_PREFIX = "random:"
+RANDOM_SEED = 0
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: ESM2
+    alphabet: esm.Alphabet
+    name: str
+    random_weights: bool
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.embed_dim
+
+
+def fair_esm_checkpoint(model: ESM2) -> dict:
+    """The `{"cfg": ..., "model": ...}` layout fair-esm's loader reads for ESM-2."""
+    cfg = Namespace(
+        encoder_layers=model.num_layers,
+        encoder_embed_dim=model.embed_dim,
+        encoder_attention_heads=model.attention_heads,
+        token_dropout=model.token_dropout,
+    )
+    return {"cfg": {"model": cfg}, "model": model.state_dict()}
+
+
+def build_random_esm2(
+    num_layers: int, embed_dim: int, attention_heads: int, seed: int = RANDOM_SEED
+) -> ESM2:
+    """An ESM-2 of the given shape with seeded random weights, leaving the global RNG alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ESM2(num_layers, embed_dim, attention_heads, alphabet="ESM-1b", token_dropout=True)
+
+
+def hub_checkpoint_path(name: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
+
+
+def fetch_hub_checkpoint(name: str) -> Path:
+    """Download a fair-esm checkpoint into torch's hub cache unless it is already there."""
+    path = hub_checkpoint_path(name)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(HUB_URL.format(name=name), str(path), progress=False)
+        except OSError as err:
+            raise UserError(
+                f"model {name}: cannot download its weights into {path.parent} ({err}); "
+                f"copy {name}.pt there or pass a path to the .pt file"
+            ) from None
+    return path
+
+
+def _load_checkpoint_file(path: Path, name: str) -> LoadedModel:
+    try:
+        # fair-esm checkpoints pickle an argparse Namespace, which weights_only refuses.
+        data = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise UserError(f"model {path}: cannot read it as a fair-esm checkpoint ({err})") from None
+    if not (isinstance(data, dict) and "cfg" in data and "model" in data):
+        raise UserError(f"model {path}: not a fair-esm ESM-2 checkpoint (no 'cfg' and 'model')")
+    with warnings.catch_warnings():
+        # Embeddings do not need the contact-regression weights fair-esm warns about.
+        warnings.simplefilter("ignore")
+        try:
+            model, alphabet = esm.pretrained.load_model_and_alphabet_core("esm2", data)
+        except (AttributeError, KeyError, RuntimeError) as err:
+            raise UserError(f"model {path}: not a usable ESM-2 checkpoint ({err})") from None
+    return LoadedModel(model, alphabet, name, random_weights=False)
+
+
+def load_model(spec: str, local_leader_first: Callable[[], ContextManager] = contextlib.nullcontext) -> LoadedModel:
+    """Resolve a `--model` value; `local_leader_first` lets one process per node fetch first."""
+    if spec.startswith(RANDOM_PREFIX):
+        name = spec[len(RANDOM_PREFIX) :]
+        if name not in ESM2_ARCHITECTURES:
+            raise UserError(f"model {spec}: unknown ESM-2 name; choose one of {', '.join(ESM2_ARCHITECTURES)}")
+        model = build_random_esm2(*ESM2_ARCHITECTURES[name])
+        return LoadedModel(model, model.alphabet, name, random_weights=True)
+    if spec in ESM2_ARCHITECTURES:
+        with local_leader_first():
+            path = fetch_hub_checkpoint(spec)
+        return _load_checkpoint_file(path, spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise UserError(
+            f"model {spec}: no such file, and not a fair-esm ESM-2 name "
+            f"({', '.join(ESM2_ARCHITECTURES)}) or random:<name>"
+        )
+    return _load_checkpoint_file(path, path.stem)

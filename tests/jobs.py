@@ -1,0 +1,57 @@
+"""Starting the real job from tests: plain python or torchrun, in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from Bio.SeqIO.FastaIO import SimpleFastaParser
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "extract" / "esm_features.py"
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def clean_env() -> dict:
+    """The environment for a job: one thread per process, no torchrun variables inherited."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def extract_command(args: list, nproc: int | None = None) -> list[str]:
+    """`python extract/esm_features.py ARGS`, or under `torchrun --standalone` with `nproc` ranks."""
+    args = [str(a) for a in args]
+    if nproc is None:
+        return [sys.executable, str(SCRIPT), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(SCRIPT), *args]
+
+
+def run_extract(args: list, nproc: int | None = None, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(extract_command(args, nproc), env=clean_env(), capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def write_fasta(path: Path, records: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(f">{rid} test protein\n{seq}\n" for rid, seq in records))
+    return path
+
+
+def random_proteins(count: int, seed: int = 0, min_len: int = 5, max_len: int = 300) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    return [(f"prot{seed}_{i}", "".join(rng.choices(AMINO_ACIDS, k=rng.randint(min_len, max_len))))
+            for i in range(count)]
+
+
+def phage_sample(phage_dir: Path, count: int, long: int) -> list[tuple[str, str]]:
+    """`count` real tail-fibre proteins, `long` of them longer than ESM-2's 1022-residue window."""
+    with open(phage_dir / "tail_fiber.fasta") as handle:
+        records = [(title.split()[0], seq) for title, seq in SimpleFastaParser(handle)]
+    longer = [r for r in records if len(r[1]) > 1022][:long]
+    shorter = [r for r in records if len(r[1]) <= 1022][: count - len(longer)]
+    return shorter + longer

@@ -1,0 +1,115 @@
+"""The extraction job end to end: real processes, real torchrun, real HDF5 files."""
+
+import h5py
+import numpy as np
+import pytest
+
+from extract import output_file
+from fair_esm_reference import fair_esm_means, load_fair_esm
+from jobs import phage_sample, random_proteins, run_extract, write_fasta
+
+
+def _read(path):
+    with h5py.File(path, "r") as f:
+        data = {name: f[name][()] for name in ("ids", "lengths", "done")}
+        data.update({f"mean/{k}": v[()] for k, v in f["mean"].items()})
+        return data, dict(f.attrs)
+
+
+def _job(model, fasta, out, *extra):
+    return ["--model", model, "--fasta", *fasta, "--out", out, *extra]
+
+
+def test_two_ranks_match_fair_esm_on_real_proteins(tmp_path, tiny_model_path, phage_dir):
+    records = phage_sample(phage_dir, 24, long=3)
+    fasta = write_fasta(tmp_path / "phage.fasta", records)
+    out = tmp_path / "out.h5"
+    done = run_extract(_job(tiny_model_path, [fasta], out, "--repr-layers", "0", "1", "-1",
+                            "--toks-per-batch", "3000"), nproc=2)
+    assert done.returncode == 0, done.stderr
+    data, attrs = _read(out)
+    model, alphabet = load_fair_esm(tiny_model_path)
+    expected = fair_esm_means(model, alphabet, [seq for _, seq in records], [0, 1, 2])
+    assert [i.decode() for i in data["ids"]] == [rid for rid, _ in records]
+    assert data["lengths"].tolist() == [len(seq) for _, seq in records]
+    for layer in (0, 1, 2):
+        assert np.abs(data[f"mean/layer_{layer}"] - expected[layer]).max() <= 1e-4
+    assert attrs["status"] == "complete"
+    assert "rows per rank [" in done.stderr and "[rank 0/2]" in done.stderr and "[rank 1/2]" in done.stderr
+
+
+def test_one_two_and_three_ranks_write_the_same_file(tmp_path, tiny_model_path):
+    fasta = [write_fasta(tmp_path / "a.fasta", random_proteins(30, seed=1)),
+             write_fasta(tmp_path / "b.fasta", random_proteins(25, seed=2))]
+    results = {}
+    for nproc in (None, 2, 3):
+        out = tmp_path / f"out_{nproc}.h5"
+        done = run_extract(_job(tiny_model_path, fasta, out, "--toks-per-batch", "1000"), nproc=nproc)
+        assert done.returncode == 0, done.stderr
+        results[nproc] = _read(out)
+    single, single_attrs = results[None]
+    for nproc in (2, 3):
+        data, attrs = results[nproc]
+        assert data.keys() == single.keys()
+        for name in single:
+            np.testing.assert_array_equal(data[name], single[name], err_msg=name)
+        assert attrs["fingerprint"] == single_attrs["fingerprint"]
+        assert attrs["status"] == "complete"
+
+
+def test_output_layout_and_attributes(tmp_path, tiny_model_path):
+    records = random_proteins(12, seed=3)
+    fasta = write_fasta(tmp_path / "in.fasta", records)
+    out = tmp_path / "out.h5"
+    done = run_extract(_job(tiny_model_path, [fasta], out, "--repr-layers", "-1", "1"))
+    assert done.returncode == 0, done.stderr
+    with h5py.File(out, "r") as f:
+        assert set(f) == {"ids", "lengths", "done", "mean"}
+        assert set(f["mean"]) == {"layer_2", "layer_1"}
+        assert f["mean/layer_2"].shape == (12, 64) and f["mean/layer_2"].dtype == np.float32
+        assert f["lengths"].dtype == np.int64 and f["done"].dtype == np.uint8
+        assert f["done"][()].tolist() == [1] * 12
+        assert f["ids"].asstr()[()].tolist() == [rid for rid, _ in records]
+        attrs = dict(f.attrs)
+    assert attrs["status"] == "complete"
+    assert attrs["model"] == "tiny_esm2" and not attrs["random_weights"]
+    assert (attrs["num_layers"], attrs["embed_dim"], attrs["truncation_seq_length"]) == (2, 64, 1022)
+    assert attrs["repr_layers"] == "[2, 1]" and attrs["compute_dtype"] == "fp32"
+    assert attrs["toks_per_batch"] == 4096 and attrs["format_version"] == 1
+    assert attrs["tool"].startswith("esm-features") and len(attrs["fingerprint"]) == 64
+
+
+def test_random_weights_are_recorded(tmp_path):
+    fasta = write_fasta(tmp_path / "in.fasta", random_proteins(3, seed=4, max_len=40))
+    out = tmp_path / "out.h5"
+    done = run_extract(_job("random:esm2_t6_8M_UR50D", [fasta], out))
+    assert done.returncode == 0, done.stderr
+    _, attrs = _read(out)
+    assert attrs["model"] == "esm2_t6_8M_UR50D" and attrs["random_weights"]
+    assert "(random weights)" in done.stderr
+
+
+def test_status_stays_incomplete_until_every_row_is_done(tmp_path, tiny_model_path):
+    fasta = write_fasta(tmp_path / "in.fasta", random_proteins(6, seed=5))
+    out = tmp_path / "out.h5"
+    assert run_extract(_job(tiny_model_path, [fasta], out)).returncode == 0
+    with h5py.File(out, "r+") as f:  # as if a rank died before writing its last row
+        f["done"][3] = 0
+        f.attrs["status"] = output_file.INCOMPLETE
+    assert output_file.mark_complete(out, {}).tolist() == [3]
+    _, attrs = _read(out)
+    assert attrs["status"] == "incomplete"
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--repr-layers", "7"], "--repr-layers 7: the model has layers 0 to 2 (or -3 to -1 counted from the end)"),
+    (["--model", "no_such_model.pt"], "model no_such_model.pt: no such file"),
+])
+def test_usage_errors_are_one_line_and_exit_2(tmp_path, tiny_model_path, flag, message):
+    fasta = write_fasta(tmp_path / "in.fasta", random_proteins(2))
+    out = tmp_path / "out.h5"
+    done = run_extract(_job(tiny_model_path, [fasta], out, *flag))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"esm_features: error: {message}")
+    assert "Traceback" not in done.stderr
+    assert not out.exists()

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from extract.planning import plan_batches
+
+
+def _plan(seed=0, rows=500, budget=4096):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, 1025, size=rows)
+    return plan_batches(np.arange(rows), tokens, budget), tokens
+
+
+def test_every_row_in_exactly_one_batch():
+    plan, tokens = _plan()
+    rows = np.concatenate(plan.batches)
+    assert sorted(rows.tolist()) == list(range(len(tokens)))
+
+
+@pytest.mark.parametrize("budget", [1024, 4096, 20000])
+def test_padded_tokens_stay_within_budget(budget):
+    plan, tokens = _plan(budget=budget)
+    for batch, padded in zip(plan.batches, plan.batch_tokens):
+        assert padded == tokens[batch].max() * batch.size
+        assert padded <= budget
+
+
+def test_row_longer_than_budget_gets_its_own_batch():
+    plan = plan_batches(np.arange(3), np.array([10, 5000, 10]), 4096)
+    assert [b.tolist() for b in plan.batches] == [[1], [0, 2]]
+    assert plan.batch_tokens.tolist() == [5000, 20]
+
+
+def test_longest_first_ties_by_row():
+    plan = plan_batches(np.array([7, 3, 5, 9]), np.array([10, 20, 10, 10]), 30)
+    assert [b.tolist() for b in plan.batches] == [[3], [5, 7, 9]]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_ranks_token_totals_within_one_batch(world_size):
+    plan, _ = _plan(rows=2000)
+    totals = plan.tokens_per_rank(world_size)
+    assert totals.sum() == plan.batch_tokens.sum()
+    assert totals.max() - totals.min() <= plan.batch_tokens.max()
+
+
+def test_batch_b_goes_to_rank_b_mod_world_size():
+    plan, _ = _plan()
+    for rank in range(3):
+        mine = plan.for_rank(rank, 3)
+        assert [b.tolist() for b in mine] == [b.tolist() for b in plan.batches[rank::3]]
+
+
+def test_same_plan_however_often_computed():
+    first, _ = _plan(seed=4)
+    again, _ = _plan(seed=4)
+    assert [b.tolist() for b in first.batches] == [b.tolist() for b in again.batches]
+
+
+def test_plan_of_a_subset_covers_only_the_subset():
+    rows = np.array([2, 11, 40, 41])
+    plan = plan_batches(rows, np.array([50, 60, 70, 80]), 200)
+    assert sorted(np.concatenate(plan.batches).tolist()) == rows.tolist()
