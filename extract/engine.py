@@ -1,7 +1,7 @@
 """The engine: plan, run batches, write rows, resume, finish. It does not know which model it runs.
 
-The model is any object with `datasets()`, `tokens_per_row(lengths)`, `settings()` and
-`embed(sequences) -> {dataset name: (batch, width) float32 array}`.
+The model is any object with the methods of `Embedder` below; `embed` returns, per dataset, the
+batch's rows in batch order (for per-token datasets, every record's rows concatenated).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from extract.runtime import RankIdentity, barrier, gather, leader_decides
 
 class Embedder(Protocol):
     def datasets(self) -> list[RowDataset]: ...
-    def tokens_per_row(self, lengths: np.ndarray) -> np.ndarray: ...
+    def tokens_per_row(self, lengths: np.ndarray) -> np.ndarray: ...  # tokens of each of a row's model inputs
+    def inputs_per_row(self, lengths: np.ndarray) -> np.ndarray: ...  # model inputs per row (e.g. windows)
+    def residues_embedded(self, lengths: np.ndarray) -> np.ndarray: ...  # residues its outputs cover
     def settings(self) -> dict: ...
     def embed(self, sequences: list[str]) -> dict[str, np.ndarray]: ...
 
@@ -37,6 +39,7 @@ class JobSettings:
     toks_per_batch: int
     overwrite: bool
     progress_seconds: float = 30.0
+    storage_dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -46,25 +49,38 @@ class RankStats:
     tokens: int
 
 
-def fingerprint(inputs: ProteinInputs, embedder: Embedder) -> str:
+def file_settings(embedder: Embedder, job: JobSettings) -> dict:
+    """The settings that decide the file's contents."""
+    return {**embedder.settings(), "storage_dtype": job.storage_dtype}
+
+
+def fingerprint(inputs: ProteinInputs, embedder: Embedder, job: JobSettings) -> str:
     """What makes two outputs interchangeable: the same records, model and settings."""
-    text = inputs.digest + json.dumps(embedder.settings(), sort_keys=True)
+    text = inputs.digest + json.dumps(file_settings(embedder, job), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def prepare_output(inputs: ProteinInputs, embedder: Embedder, job: JobSettings, log: logging.Logger) -> str:
     """On rank 0: create the output, or check that an existing one may be resumed. Returns its status."""
-    expected = fingerprint(inputs, embedder)
-    if job.out.exists() and not job.overwrite:
+    expected = fingerprint(inputs, embedder, job)
+    resuming = job.out.exists() and not job.overwrite
+    if resuming:
         attrs = output_file.read_attrs(job.out)
         if attrs["fingerprint"] != expected:
             raise UserError(f"{job.out}: exists and was made from other inputs or settings; "
                             f"pass --overwrite to replace it, or choose another --out")
+    layout = output_file.FileLayout(inputs.ids, inputs.lengths, embedder.residues_embedded(inputs.lengths),
+                                    embedder.datasets(), job.storage_dtype)
+    planned = layout.planned_bytes()
+    free = output_file.check_room(job.out, planned)
+    log.info("output %s: %s planned, %s free on its file system", job.out, output_file.format_bytes(planned),
+             output_file.format_bytes(free))
+    if resuming:
         log.info("resuming %s (status %s)", job.out, attrs["status"])
         return str(attrs["status"])
-    attrs = {**embedder.settings(), "toks_per_batch": job.toks_per_batch, "tool": output_file.TOOL,
+    attrs = {**file_settings(embedder, job), "toks_per_batch": job.toks_per_batch, "tool": output_file.TOOL,
              "format_version": output_file.FORMAT_VERSION, "fingerprint": expected}
-    output_file.create(job.out, inputs.ids, inputs.lengths, embedder.datasets(), attrs)
+    output_file.create(job.out, layout, attrs)
     return output_file.INCOMPLETE
 
 
@@ -73,26 +89,26 @@ def _compute_rows(identity: RankIdentity, inputs: ProteinInputs, embedder: Embed
     writer = RowWriter(job.out, embedder.datasets())
     try:
         pending = writer.pending_rows()
-        tokens = embedder.tokens_per_row(inputs.lengths[pending])
-        plan = plan_batches(pending, tokens, job.toks_per_batch)
+        lengths = inputs.lengths[pending]
+        plan = plan_batches(pending, embedder.tokens_per_row(lengths), job.toks_per_batch,
+                            embedder.inputs_per_row(lengths))
         mine = plan.for_rank(identity.rank, identity.world_size)
         if identity.is_leader:
             log.info("%d rows to compute in %d batches of <= %d tokens", pending.size, len(plan.batches),
                      job.toks_per_batch)
-        rows = residues = computed = 0
+        rows = residues = 0
         last_report = time.monotonic()
         for number, batch in enumerate(mine, 1):
             writer.write(batch, embedder.embed([inputs.sequences[row] for row in batch]))
             rows += batch.size
             residues += int(inputs.lengths[batch].sum())
-            computed += int(embedder.tokens_per_row(inputs.lengths[batch]).max()) * batch.size
             if identity.is_leader and time.monotonic() - last_report >= job.progress_seconds:
                 log.info("progress: batch %d/%d of this rank, %d rows", number, len(mine), rows)
                 last_report = time.monotonic()
     finally:
         writer.close()
     log.info("wrote %d rows (%d residues) in %d batches", rows, residues, len(mine))
-    return RankStats(rows, residues, computed)
+    return RankStats(rows, residues, int(plan.batch_tokens[identity.rank::identity.world_size].sum()))
 
 
 def _finish(job: JobSettings, stats: list[RankStats], seconds: float, log: logging.Logger) -> None:

@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from esm.data import BatchConverter
 
+from extract import pooling
 from extract.errors import UserError
+from extract.long_sequences import LongSequencePolicy
 from extract.model_loading import LoadedModel
 from extract.output_file import RowDataset
 
@@ -44,24 +46,34 @@ def resolve_layers(requested: Sequence[int], num_layers: int) -> list[int]:
 
 
 class Esm2Embedder:
-    """Mean embeddings over residues (BOS, EOS and padding excluded), after fair-esm's truncation."""
+    """Mean, BOS and per-residue representations of the chosen layers (BOS, EOS and padding are not
+    residues); proteins longer than the truncation length are truncated or windowed as `long_sequences` says."""
 
     def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
-                 repr_layers: Sequence[int], truncation_seq_length: int):
+                 repr_layers: Sequence[int], long_sequences: LongSequencePolicy, outputs: Sequence[str] = ("mean",)):
         self.loaded = loaded
         self.device = device
         self.dtype = dtype
         self.layers = resolve_layers(repr_layers, loaded.num_layers)
-        self.truncation_seq_length = truncation_seq_length
+        self.long_sequences = long_sequences
+        self.truncation_seq_length = long_sequences.window
+        self.outputs = [name for name in pooling.OUTPUTS if name in outputs]
         self.model = loaded.model.eval().to(device=device, dtype=dtype)
-        self._converter = BatchConverter(loaded.alphabet, truncation_seq_length)
+        self._converter = BatchConverter(loaded.alphabet, self.truncation_seq_length)
 
     def datasets(self) -> list[RowDataset]:
-        return [RowDataset(f"mean/layer_{layer}", self.loaded.embed_dim) for layer in self.layers]
+        return [RowDataset(pooling.dataset_name(output, layer), self.loaded.embed_dim, per_token=output == "per_tok")
+                for output in self.outputs for layer in self.layers]
 
     def tokens_per_row(self, lengths: np.ndarray) -> np.ndarray:
-        """Tokens the model sees for each row: truncated residues plus BOS and EOS."""
+        """Tokens of each model input of a row (its windows are all this long): residues plus BOS and EOS."""
         return np.minimum(lengths, self.truncation_seq_length) + 2
+
+    def inputs_per_row(self, lengths: np.ndarray) -> np.ndarray:
+        return self.long_sequences.windows_per_protein(lengths)
+
+    def residues_embedded(self, lengths: np.ndarray) -> np.ndarray:
+        return self.long_sequences.residues_embedded(lengths)
 
     def settings(self) -> dict:
         return {
@@ -70,22 +82,19 @@ class Esm2Embedder:
             "num_layers": self.loaded.num_layers,
             "embed_dim": self.loaded.embed_dim,
             "repr_layers": self.layers,
+            "include": self.outputs,
             "truncation_seq_length": self.truncation_seq_length,
+            **self.long_sequences.settings(),
             "compute_dtype": dtype_name(self.dtype),
         }
 
     @torch.inference_mode()
     def embed(self, sequences: list[str]) -> dict[str, np.ndarray]:
-        _, _, tokens = self._converter([("", seq) for seq in sequences])
+        layout = self.long_sequences.layout(np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences)))
+        _, _, tokens = self._converter([("", window) for window in layout.window_sequences(sequences)])
         tokens = tokens.to(self.device, non_blocking=True)
         representations = self.model(tokens, repr_layers=self.layers)["representations"]
-        residues = (tokens != self.model.padding_idx) & (tokens != self.model.cls_idx) & (tokens != self.model.eos_idx)
-        counts = residues.sum(1, keepdim=True).float()
-        weights = residues.unsqueeze(-1).float()
-        return {
-            f"mean/layer_{layer}": ((representations[layer].float() * weights).sum(1) / counts).cpu().numpy()
-            for layer in self.layers
-        }
+        return pooling.pool(representations, layout, self.outputs)
 
     def auto_token_budget(self) -> int:
         """Padded tokens per batch: fair-esm's 4096 on the CPU; on a GPU at least the seed plan's

@@ -20,7 +20,10 @@ from extract import fasta, runtime  # noqa: E402
 from extract.engine import JobSettings, run_job  # noqa: E402
 from extract.errors import JobError, UserError  # noqa: E402
 from extract.esm2_embedder import DTYPES, Esm2Embedder, choose_dtype  # noqa: E402
+from extract.long_sequences import MODES, LongSequencePolicy  # noqa: E402
 from extract.model_loading import load_model  # noqa: E402
+from extract.output_file import STORAGE_DTYPES  # noqa: E402
+from extract.pooling import OUTPUTS  # noqa: E402
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -31,15 +34,23 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="the HDF5 output file")
     parser.add_argument("--repr-layers", type=int, nargs="+", default=[-1],
                         help="layers to keep; negative counts from the end, 0 is the embeddings (default: -1)")
-    parser.add_argument("--include", nargs="+", choices=["mean"], default=["mean"],
-                        help="representations to store (default: mean)")
+    parser.add_argument("--include", nargs="+", choices=OUTPUTS, default=["mean"],
+                        help="representations to store: mean over residues, the BOS token, every residue "
+                             "(default: mean)")
     parser.add_argument("--toks-per-batch", default="auto", type=_token_budget,
                         help="padded tokens per batch, or auto (default)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="compute precision; auto is bf16 on GPUs of compute capability >= 8.0, else fp32")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--truncation-seq-length", type=int, default=1022,
-                        help="residues kept per sequence, as in fair-esm's extract (default: 1022)")
+                        help="residues per model input, as in fair-esm's extract (default: 1022)")
+    parser.add_argument("--long-sequences", choices=MODES, default="truncate",
+                        help="longer proteins: keep their first --truncation-seq-length residues (truncate, "
+                             "default), or cover them with overlapping windows of that length (window)")
+    parser.add_argument("--window-overlap", type=int, default=None,
+                        help="residues neighbouring windows share (default: a quarter of the window)")
+    parser.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default="float32",
+                        help="dtype of the stored representations; float16 halves the file (default: float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output made differently")
     parser.add_argument("--progress-seconds", type=float, default=30.0, help="seconds between progress lines")
     return parser
@@ -59,18 +70,20 @@ def run(args: argparse.Namespace) -> None:
     identity = runtime.RankIdentity.from_env()
     log = runtime.rank_logger(identity)
     device = runtime.choose_device(args.device, identity)
+    long_sequences = LongSequencePolicy.from_options(args.long_sequences, args.truncation_seq_length,
+                                                     args.window_overlap)
     with runtime.process_group(identity, device):
         inputs = fasta.read_inputs(args.fasta)
         loaded = load_model(args.model, lambda: runtime.local_leader_first(identity))
         embedder = Esm2Embedder(loaded, device, choose_dtype(args.dtype, device), args.repr_layers,
-                                args.truncation_seq_length)
+                                long_sequences, args.include)
         budget = embedder.auto_token_budget() if args.toks_per_batch == "auto" else args.toks_per_batch
         if identity.is_leader:
             log.info("%d proteins from %d file(s); model %s%s on %s in %s", len(inputs), len(args.fasta),
                      loaded.name, " (random weights)" if loaded.random_weights else "", device,
                      embedder.settings()["compute_dtype"])
-        run_job(identity, inputs, embedder, JobSettings(args.out, budget, args.overwrite, args.progress_seconds),
-                log, started)
+        job = JobSettings(args.out, budget, args.overwrite, args.progress_seconds, args.storage_dtype)
+        run_job(identity, inputs, embedder, job, log, started)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,15 +1,17 @@
 """The output file: one HDF5 file, rows in input order, filled in by every rank with positioned writes.
 
 Rank 0 creates it through h5py with every dataset at its final size (contiguous, allocated early, never
-filled), and writes /ids and /lengths. Afterwards no process writes through the HDF5 library while the
-ranks run: each rank looks up the byte offsets of the datasets and `os.pwrite`s its own rows, marking a
-row done only after its data is durable. Rank 0 alone reopens the file to mark it complete.
+filled), and writes /ids, /lengths, /truncated and /per_tok/offsets. Afterwards no process writes through
+the HDF5 library while the ranks run: each rank looks up the byte offsets of the datasets and `os.pwrite`s
+its own rows, marking a row done only after its data is durable. Rank 0 alone reopens the file to mark it
+complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -22,14 +24,46 @@ from extract.errors import UserError
 FORMAT_VERSION = 1
 TOOL = "esm-features 0.1.0"
 INCOMPLETE, COMPLETE = "incomplete", "complete"
+TOKEN_OFFSETS = "per_tok/offsets"
+STORAGE_DTYPES = ("float32", "float16")
+# HDF5's superblock, object headers and attributes, and per id a global-heap entry and its reference.
+FIXED_OVERHEAD_BYTES = 64 * 1024
+ID_OVERHEAD_BYTES = 48
+BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 @dataclass(frozen=True)
 class RowDataset:
-    """A dataset of fixed-width rows: `/name`, shape (rows, width)."""
+    """A dataset of fixed-width rows: `/name`, shape (records, width), or with `per_token` one row per
+    embedded residue, shape (embedded residues, width), record i at rows /per_tok/offsets[i:i+2]."""
 
     name: str
     width: int
+    per_token: bool = False
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """What decides the file's datasets and size."""
+
+    ids: list[str]
+    lengths: np.ndarray  # residues per record
+    embedded: np.ndarray  # residues per record that its representations cover
+    datasets: list[RowDataset]
+    storage_dtype: str
+
+    def rows(self, ds: RowDataset) -> int:
+        return int(self.embedded.sum()) if ds.per_token else len(self.ids)
+
+    def planned_bytes(self) -> int:
+        """The file's size once written: every dataset plus an allowance for HDF5's own metadata."""
+        item = np.dtype(self.storage_dtype).itemsize
+        values = sum(self.rows(ds) * ds.width * item for ds in self.datasets)
+        records = len(self.ids)
+        per_record = 8 + 1 + 1 + ID_OVERHEAD_BYTES  # lengths, done, truncated, id reference and heap entry
+        offsets = 8 * (records + 1) if any(ds.per_token for ds in self.datasets) else 0
+        id_text = sum(len(i.encode()) for i in self.ids)
+        return values + offsets + records * per_record + id_text + FIXED_OVERHEAD_BYTES
 
 
 def _preallocated(group: h5py.Group, name: str, shape: tuple, dtype) -> h5py.Dataset:
@@ -42,23 +76,48 @@ def _preallocated(group: h5py.Group, name: str, shape: tuple, dtype) -> h5py.Dat
     return h5py.Dataset(dsid)
 
 
-def create(path: Path, ids: list[str], lengths: np.ndarray, datasets: list[RowDataset], attrs: Mapping) -> None:
+def create(path: Path, layout: FileLayout, attrs: Mapping) -> None:
     """Write a new, incomplete output file atomically (under a temporary name, then renamed)."""
     partial = path.with_name(path.name + ".creating")
     try:
         with h5py.File(partial, "w") as f:
-            f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
-            f.create_dataset("lengths", data=lengths.astype(np.int64))
-            f.create_dataset("done", data=np.zeros(len(ids), dtype=np.uint8))
-            for ds in datasets:
+            f.create_dataset("ids", data=np.array(layout.ids, dtype=object), dtype=h5py.string_dtype())
+            f.create_dataset("lengths", data=layout.lengths.astype(np.int64))
+            f.create_dataset("truncated", data=(layout.embedded < layout.lengths).astype(np.uint8))
+            f.create_dataset("done", data=np.zeros(len(layout.ids), dtype=np.uint8))
+            if any(ds.per_token for ds in layout.datasets):
+                f.create_dataset(TOKEN_OFFSETS, data=np.concatenate([[0], np.cumsum(layout.embedded)]).astype(np.int64))
+            for ds in layout.datasets:
                 _preallocated(f.require_group(os.path.dirname(ds.name) or "/"), os.path.basename(ds.name),
-                              (len(ids), ds.width), np.float32)
+                              (layout.rows(ds), ds.width), layout.storage_dtype)
             f.attrs.update({k: _attr(v) for k, v in attrs.items()})
             f.attrs["status"] = INCOMPLETE
         os.replace(partial, path)
     except OSError as err:
         partial.unlink(missing_ok=True)
         raise UserError(f"{path}: cannot create the output file ({err.strerror or err})") from None
+
+
+def check_room(path: Path, planned_bytes: int) -> int:
+    """Refuse an output whose file system cannot hold what is still to be written; returns its free bytes.
+
+    The file is sparse until the ranks write, so an existing output (resumed, or replaced by
+    --overwrite) already holds its allocated blocks towards the total."""
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: cannot create the output file (no such directory {path.parent})")
+    free = shutil.disk_usage(path.parent).free
+    held = path.stat().st_blocks * 512 if path.exists() else 0
+    if planned_bytes - held > free:
+        raise UserError(f"{path}: the output needs {format_bytes(planned_bytes - held)} more but its file system has "
+                        f"{format_bytes(free)} free; free some space or choose another --out")
+    return free
+
+
+def format_bytes(count: int) -> str:
+    power = 0
+    while power < len(BYTE_UNITS) - 1 and count >= 1024 ** (power + 1):
+        power += 1
+    return f"{count} B" if power == 0 else f"{count / 1024 ** power:.1f} {BYTE_UNITS[power]}"
 
 
 def _attr(value):
@@ -95,24 +154,44 @@ class RowWriter:
         with h5py.File(path, "r") as f:
             self._done_offset = f["done"].id.get_offset()
             self._offsets = {ds.name: f[ds.name].id.get_offset() for ds in datasets}
+            self._dtypes = {ds.name: f[ds.name].dtype for ds in datasets}
+            self._token_offsets = f[TOKEN_OFFSETS][:] if any(ds.per_token for ds in datasets) else None
             self.done = f["done"][:]
-        self._row_bytes = {ds.name: ds.width * 4 for ds in datasets}
+        self._row_bytes = {ds.name: ds.width * self._dtypes[ds.name].itemsize for ds in datasets}
+        self._per_token = {ds.name for ds in datasets if ds.per_token}
         self._fd = os.open(path, os.O_RDWR)
 
     def pending_rows(self) -> np.ndarray:
         return np.flatnonzero(self.done == 0)
 
     def write(self, rows: np.ndarray, values: Mapping[str, np.ndarray]) -> None:
-        """Write float32 rows, make them durable, then mark them done."""
+        """Write the rows' values (per-token values concatenated in `rows` order), rounded once to the
+        storage dtype; make them durable, then mark the rows done."""
         for name, array in values.items():
-            array = np.ascontiguousarray(array, dtype=np.float32)
-            offset, row_bytes = self._offsets[name], self._row_bytes[name]
-            for row, vector in zip(rows, array):
-                os.pwrite(self._fd, vector.data, offset + int(row) * row_bytes)
+            array = np.ascontiguousarray(array, dtype=self._dtypes[name])
+            starts, counts = self._dataset_rows(name, rows)
+            if counts.sum() != len(array):
+                raise ValueError(f"{name}: {len(array)} rows of values for {counts.sum()} dataset rows")
+            ends = np.cumsum(counts)
+            for start, end, count in zip(starts, ends, counts):
+                position = self._offsets[name] + int(start) * self._row_bytes[name]
+                self._pwrite_all(array[end - count : end].data, position)
         os.fdatasync(self._fd)
         for row in rows:
             os.pwrite(self._fd, b"\x01", self._done_offset + int(row))
         self.done[rows] = 1
+
+    def _dataset_rows(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each record's rows start in dataset `name`, and how many it has."""
+        if name not in self._per_token:
+            return rows, np.ones(len(rows), dtype=np.int64)
+        return self._token_offsets[rows], self._token_offsets[rows + 1] - self._token_offsets[rows]
+
+    def _pwrite_all(self, data: memoryview, offset: int) -> None:
+        data = data.cast("B")
+        while data:
+            written = os.pwrite(self._fd, data, offset)
+            data, offset = data[written:], offset + written
 
     def close(self) -> None:
         os.fsync(self._fd)

@@ -7,10 +7,11 @@ import torch
 from esm.data import BatchConverter
 
 
-def fair_esm_representations(
+def fair_esm_tokens(
     model, alphabet, sequences: list[str], layers: list[int], truncation_seq_length: int = 1022
 ) -> list[dict[int, np.ndarray]]:
-    """Per sequence, per absolute layer: the (T, D) residue representations fair-esm's forward gives.
+    """Per sequence, per absolute layer: the (1 + T, D) representations of BOS and the T residues that
+    fair-esm's forward gives.
 
     One sequence at a time, exactly as fair-esm's extract tokenises and truncates it.
     """
@@ -22,8 +23,14 @@ def fair_esm_representations(
             _, _, tokens = converter([("row", seq)])
             reps = model(tokens, repr_layers=layers)["representations"]
             length = min(truncation_seq_length, len(seq))
-            out.append({layer: reps[layer][0, 1 : length + 1].float().numpy() for layer in layers})
+            out.append({layer: reps[layer][0, : length + 1].float().numpy() for layer in layers})
     return out
+
+
+def fair_esm_representations(model, alphabet, sequences, layers, truncation_seq_length=1022):
+    """Per sequence, per absolute layer: the (T, D) residue representations (BOS and EOS left out)."""
+    reps = fair_esm_tokens(model, alphabet, sequences, layers, truncation_seq_length)
+    return [{layer: r[layer][1:] for layer in layers} for r in reps]
 
 
 def fair_esm_means(model, alphabet, sequences, layers, truncation_seq_length=1022):

@@ -64,7 +64,7 @@ def test_output_layout_and_attributes(tmp_path, tiny_model_path):
     done = run_extract(_job(tiny_model_path, [fasta], out, "--repr-layers", "-1", "1"))
     assert done.returncode == 0, done.stderr
     with h5py.File(out, "r") as f:
-        assert set(f) == {"ids", "lengths", "done", "mean"}
+        assert set(f) == {"ids", "lengths", "truncated", "done", "mean"}
         assert set(f["mean"]) == {"layer_2", "layer_1"}
         assert f["mean/layer_2"].shape == (12, 64) and f["mean/layer_2"].dtype == np.float32
         assert f["lengths"].dtype == np.int64 and f["done"].dtype == np.uint8
@@ -76,6 +76,8 @@ def test_output_layout_and_attributes(tmp_path, tiny_model_path):
     assert (attrs["num_layers"], attrs["embed_dim"], attrs["truncation_seq_length"]) == (2, 64, 1022)
     assert attrs["repr_layers"] == "[2, 1]" and attrs["compute_dtype"] == "fp32"
     assert attrs["toks_per_batch"] == 4096 and attrs["format_version"] == 1
+    assert attrs["include"] == '["mean"]' and attrs["long_sequences"] == "truncate"
+    assert attrs["storage_dtype"] == "float32"
     assert attrs["tool"].startswith("esm-features") and len(attrs["fingerprint"]) == 64
 
 

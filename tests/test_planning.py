@@ -60,3 +60,26 @@ def test_plan_of_a_subset_covers_only_the_subset():
     rows = np.array([2, 11, 40, 41])
     plan = plan_batches(rows, np.array([50, 60, 70, 80]), 200)
     assert sorted(np.concatenate(plan.batches).tolist()) == rows.tolist()
+
+
+def test_every_window_of_a_row_counts_against_the_budget():
+    plan = plan_batches(np.arange(4), np.array([1024, 1024, 100, 100]), 4096, inputs=np.array([3, 2, 1, 1]))
+    assert [b.tolist() for b in plan.batches] == [[0], [1, 2, 3]]
+    assert plan.batch_tokens.tolist() == [3 * 1024, 4 * 1024]
+
+
+def test_row_whose_windows_exceed_the_budget_gets_its_own_batch():
+    plan = plan_batches(np.arange(3), np.array([1024, 1024, 50]), 4096, inputs=np.array([1, 5, 1]))
+    assert [b.tolist() for b in plan.batches] == [[1], [0, 2]]
+    assert plan.batch_tokens.tolist() == [5 * 1024, 2 * 1024]
+
+
+def test_windowed_rows_stay_within_budget_and_each_in_one_batch():
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(3, 1025, size=400)
+    inputs = np.where(tokens == 1024, rng.integers(1, 6, size=400), 1)
+    plan = plan_batches(np.arange(400), tokens, 4096, inputs=inputs)
+    assert sorted(np.concatenate(plan.batches).tolist()) == list(range(400))
+    for batch, padded in zip(plan.batches, plan.batch_tokens):
+        assert padded == tokens[batch].max() * inputs[batch].sum()
+        assert padded <= 4096 or batch.size == 1
