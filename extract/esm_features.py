@@ -16,7 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # started as a script: make the `extract` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract import fasta, runtime  # noqa: E402
+from extract import fasta, run_report, runtime  # noqa: E402
 from extract.engine import JobSettings, run_job  # noqa: E402
 from extract.errors import JobError, UserError  # noqa: E402
 from extract.esm2_embedder import DTYPES, Esm2Embedder, choose_dtype  # noqa: E402
@@ -25,9 +25,11 @@ from extract.model_loading import load_model  # noqa: E402
 from extract.output_file import STORAGE_DTYPES  # noqa: E402
 from extract.pooling import OUTPUTS  # noqa: E402
 
+REPORTED_PACKAGES = ("torch", "fair-esm", "h5py", "numpy", "biopython")
+
 
 def create_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="esm_features", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
                         help="fair-esm name (e.g. esm2_t33_650M_UR50D), path to a fair-esm .pt, or random:<name>")
     parser.add_argument("--fasta", required=True, nargs="+", type=Path, help="protein FASTA files, plain or gzip")
@@ -52,7 +54,9 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default="float32",
                         help="dtype of the stored representations; float16 halves the file (default: float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output made differently")
-    parser.add_argument("--progress-seconds", type=float, default=30.0, help="seconds between progress lines")
+    parser.add_argument("--progress-seconds", type=_positive_seconds, default=30.0,
+                        help="seconds between progress lines of rank 0 (default: 30)")
+    parser.add_argument("--report", type=Path, help="write a JSON run report here (also stored in the output)")
     return parser
 
 
@@ -64,7 +68,17 @@ def _token_budget(text: str) -> str | int:
     return int(text)
 
 
-def run(args: argparse.Namespace) -> None:
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> None:
     """The whole job for this rank; raises UserError or JobError when it cannot finish."""
     started = time.monotonic()
     identity = runtime.RankIdentity.from_env()
@@ -82,15 +96,24 @@ def run(args: argparse.Namespace) -> None:
             log.info("%d proteins from %d file(s); model %s%s on %s in %s", len(inputs), len(args.fasta),
                      loaded.name, " (random weights)" if loaded.random_weights else "", device,
                      embedder.settings()["compute_dtype"])
-        job = JobSettings(args.out, budget, args.overwrite, args.progress_seconds, args.storage_dtype)
+        context = {"arguments": argv, "versions": run_report.package_versions(REPORTED_PACKAGES)}
+        job = JobSettings(args.out, budget, args.overwrite, args.progress_seconds, args.storage_dtype, args.report,
+                          context)
         run_job(identity, inputs, embedder, job, log, started)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the job; returns the exit code: 0 complete, 2 bad usage or input, 1 otherwise."""
-    args = create_parser().parse_args(argv)
+    """Run the job; returns the exit code: 0 complete, 2 bad usage or input, 1 otherwise.
+
+    Inside a job that already runs a process group, this uses that group and leaves it initialised;
+    it may be called any number of times."""
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     try:
-        run(args)
+        args = create_parser().parse_args(argv)
+    except SystemExit as exit_request:  # argparse printed the usage or --help; return its code
+        return int(exit_request.code or 0)
+    try:
+        run(args, argv)
     except (UserError, JobError) as err:
         print(f"esm_features: error: {err}", file=sys.stderr)
         return err.exit_code

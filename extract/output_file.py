@@ -130,11 +130,14 @@ def read_attrs(path: Path) -> dict:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
     except OSError as err:
-        raise UserError(f"{path}: exists but is not a readable HDF5 file ({err}); "
-                        f"pass --overwrite to replace it") from None
-    if attrs.get("tool", "").split(" ")[0] != TOOL.split(" ")[0] or "fingerprint" not in attrs:
-        raise UserError(f"{path}: exists and is not an esm-features output; pass --overwrite to replace it")
+        raise UserError(f"{path}: exists but is not a readable HDF5 file ({err})") from None
+    require_ours(path, attrs)
     return attrs
+
+
+def require_ours(path: Path, attrs: Mapping) -> None:
+    if attrs.get("tool", "").split(" ")[0] != TOOL.split(" ")[0] or "fingerprint" not in attrs:
+        raise UserError(f"{path}: exists and is not an esm-features output")
 
 
 def mark_complete(path: Path, extra_attrs: Mapping) -> np.ndarray:
@@ -145,6 +148,29 @@ def mark_complete(path: Path, extra_attrs: Mapping) -> np.ndarray:
         if missing.size == 0:
             f.attrs["status"] = COMPLETE
     return missing
+
+
+class DoneFlags:
+    """The /done flags, read with plain positioned reads: no HDF5 file lock is taken and no writer waits,
+    so rank 0 (or anyone) can watch a running job's progress."""
+
+    def __init__(self, path: Path):
+        with h5py.File(path, "r", locking=False) as f:
+            self._offset = f["done"].id.get_offset()
+            self._rows = f["done"].shape[0]
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def read(self) -> np.ndarray:
+        flags = bytearray()
+        while len(flags) < self._rows:  # one pread returns at most about 2 GiB
+            chunk = os.pread(self._fd, self._rows - len(flags), self._offset + len(flags))
+            if not chunk:
+                raise OSError(f"the /done flags end early ({len(flags)} of {self._rows} bytes)")
+            flags += chunk
+        return np.frombuffer(flags, dtype=np.uint8)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class RowWriter:

@@ -1,9 +1,13 @@
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from Bio.SeqIO.FastaIO import SimpleFastaParser
 
+from cluster_jobs import SMALL_JOB_FLAGS, run_on_terminal
 from extract.model_loading import build_random_esm2, fair_esm_checkpoint
+from jobs import clean_env, extract_command, write_fasta
 
 PHAGE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "phage"
 
@@ -21,3 +25,32 @@ def phage_dir() -> Path:
     if not PHAGE_DIR.is_dir():
         pytest.skip(f"real phage data not found at {PHAGE_DIR}")
     return PHAGE_DIR
+
+
+def _minor_capsids(phage_dir: Path, count: int, max_length: int) -> list[tuple[str, str]]:
+    with open(phage_dir / "minor_capsid.fasta") as handle:
+        return [(title.split()[0], seq) for title, seq in SimpleFastaParser(handle) if len(seq) <= max_length][:count]
+
+
+@pytest.fixture(scope="session")
+def capsid_fasta(tmp_path_factory, phage_dir) -> Path:
+    """16 real minor-capsid proteins of at most 400 residues, in their file's order."""
+    return write_fasta(tmp_path_factory.mktemp("capsid") / "capsid.fasta", _minor_capsids(phage_dir, 16, 400))
+
+
+@pytest.fixture(scope="session")
+def many_capsids_fasta(tmp_path_factory, phage_dir) -> Path:
+    """120 real minor-capsid proteins: a job long enough to be stopped half-way."""
+    return write_fasta(tmp_path_factory.mktemp("capsids") / "capsids.fasta", _minor_capsids(phage_dir, 120, 1022))
+
+
+@pytest.fixture(scope="session")
+def single_process_run(tmp_path_factory, tiny_model_path, capsid_fasta) -> SimpleNamespace:
+    """One plain process embedding `capsid_fasta`, its stderr on a terminal, with a run report."""
+    where = tmp_path_factory.mktemp("single")
+    out, report = where / "single.h5", where / "single.json"
+    code, terminal = run_on_terminal(
+        extract_command(["--model", tiny_model_path, "--fasta", capsid_fasta, "--out", out, "--report", report,
+                         *SMALL_JOB_FLAGS]), clean_env())
+    assert code == 0, terminal
+    return SimpleNamespace(out=out, report=report, terminal=terminal)

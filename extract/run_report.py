@@ -1,0 +1,89 @@
+"""The run report: what each rank computed, how long it took and what memory it used, with the settings
+and software versions, as one JSON document (written to `--report` and stored in the output file)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import resource
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from extract.errors import UserError
+
+
+@dataclass(frozen=True)
+class RankStats:
+    """One rank's share of a run."""
+
+    rank: int
+    device: str
+    rows: int
+    residues: int
+    tokens: int  # padded tokens computed: each batch's longest row (BOS/EOS included) x its rows
+    seconds: float  # time spent computing and writing this rank's batches
+    peak_host_bytes: int
+    peak_device_bytes: int | None  # None on the CPU
+    oom_split_batches: int = 0
+    failed_rows: int = 0
+
+
+def peak_host_bytes() -> int:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_device_bytes(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _rate(residues: int, seconds: float) -> float:
+    return round(residues / seconds, 1) if seconds > 0 else 0.0
+
+
+def _rank_entry(stats: RankStats) -> dict:
+    return {**asdict(stats), "seconds": round(stats.seconds, 3),
+            "residues_per_second": _rate(stats.residues, stats.seconds)}
+
+
+def build(stats: list[RankStats], wall_seconds: float, rows_in_file: int, settings: Mapping,
+          context: Mapping) -> dict:
+    """The report of one run: per rank, the total over ranks, then `settings` and `context` as given."""
+    device_peaks = [s.peak_device_bytes for s in stats if s.peak_device_bytes is not None]
+    total = {
+        "ranks": len(stats),
+        "rows_in_file": rows_in_file,
+        "rows": sum(s.rows for s in stats),
+        "residues": sum(s.residues for s in stats),
+        "tokens": sum(s.tokens for s in stats),
+        "seconds": round(wall_seconds, 3),
+        "residues_per_second": _rate(sum(s.residues for s in stats), wall_seconds),
+        "peak_host_bytes": max(s.peak_host_bytes for s in stats),
+        "peak_device_bytes": max(device_peaks) if device_peaks else None,
+        "oom_split_batches": sum(s.oom_split_batches for s in stats),
+        "failed_rows": sum(s.failed_rows for s in stats),
+    }
+    return {"total": total, "ranks": [_rank_entry(s) for s in stats], "settings": dict(settings), **context}
+
+
+def write(path: Path, report: Mapping) -> None:
+    try:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as err:
+        raise UserError(f"{path}: cannot write the report ({err.strerror or err})") from None

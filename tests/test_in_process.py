@@ -1,0 +1,37 @@
+"""extract.esm_features.main(argv) inside a job that already runs a process group."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from jobs import clean_env, phage_sample, write_fasta
+from output_checks import assert_complete_and_like_fair_esm
+
+DRIVER = Path(__file__).resolve().parent / "in_process_driver.py"
+
+
+def test_main_uses_the_callers_group_repeatedly_and_leaves_it_initialised(tmp_path, tiny_model_path, capsid_fasta,
+                                                                           phage_dir):
+    tails = write_fasta(tmp_path / "tails.fasta", phage_sample(phage_dir, 6, long=0))
+    first, second = tmp_path / "capsid.h5", tmp_path / "tails.h5"
+    calls = [
+        ["--model", str(tiny_model_path), "--fasta", str(capsid_fasta), "--out", str(first)],
+        ["--model", str(tiny_model_path), "--fasta", str(tails), "--out", str(second)],
+        ["--model", str(tiny_model_path), "--fasta", str(capsid_fasta), "--out", str(first)],  # already complete
+        ["--model", str(tiny_model_path), "--fasta", str(tmp_path / "missing.fasta"), "--out", str(tmp_path / "x.h5")],
+        ["--model", "m", "--fasta", "f", "--out", "o", "--no-such-flag"],
+    ]
+    (tmp_path / "calls.json").write_text(json.dumps(calls))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(DRIVER), str(tmp_path / "calls.json"), str(tmp_path / "result")],
+                          env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"result.rank{rank}.json").read_text())
+        assert result == {"codes": [0, 0, 0, 2, 2], "initialized": True, "sum": 3, "threads_left": 0}
+    assert "[rank 1/2]" in done.stderr and f"{first} is already complete; nothing to do" in done.stderr
+    assert f"esm_features: error: {tmp_path / 'missing.fasta'}: no such file" in done.stderr
+    assert "esm_features: error: unrecognized arguments: --no-such-flag" in done.stderr
+    assert_complete_and_like_fair_esm(first, [capsid_fasta], tiny_model_path)
+    assert_complete_and_like_fair_esm(second, [tails], tiny_model_path)
