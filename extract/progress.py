@@ -80,7 +80,7 @@ def bar(s: Snapshot) -> str:
     return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {describe(s)}"
 
 
-class _Watcher:
+class ProgressWatcher:
     """A background thread that reads the /done flags every `interval` seconds and reports."""
 
     def __init__(self, out: Path, lengths: np.ndarray, interval: float, log: logging.Logger, stream: TextIO):
@@ -143,7 +143,7 @@ def watch(out: Path, lengths: np.ndarray, interval: float | None, log: logging.L
     if interval is None:
         yield
         return
-    watcher = _Watcher(out, lengths, interval, log, stream or sys.stderr)
+    watcher = ProgressWatcher(out, lengths, interval, log, stream or sys.stderr)
     try:
         yield
     finally:

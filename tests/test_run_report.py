@@ -1,0 +1,42 @@
+"""--report: what a run did and used, per rank and in total, in a JSON file and in the output."""
+
+import importlib.metadata
+import json
+
+import h5py
+
+from extract.fasta import read_inputs
+from jobs import run_extract
+
+
+def test_report_of_a_single_process_run(single_process_run, capsid_fasta):
+    report = json.loads(single_process_run.report.read_text())
+    inputs = read_inputs([capsid_fasta])
+    assert report["status"] == "complete" and report["out"] == str(single_process_run.out)
+    (rank,) = report["ranks"]
+    total = report["total"]
+    assert (rank["rank"], rank["device"], rank["rows"]) == (0, "cpu", 16)
+    assert total["rows"] == total["rows_in_file"] == 16 and total["ranks"] == 1
+    assert rank["residues"] == total["residues"] == int(inputs.lengths.sum())
+    assert rank["tokens"] == total["tokens"] >= total["residues"] + 2 * 16  # padding and BOS/EOS counted
+    assert rank["peak_host_bytes"] == total["peak_host_bytes"] > 0 and total["peak_device_bytes"] is None
+    assert total["seconds"] >= rank["seconds"] > 0 and rank["residues_per_second"] > 0
+    assert (total["oom_split_batches"], total["failed_rows"]) == (0, 0)
+    assert report["settings"] == {"model": "tiny_esm2", "random_weights": False, "num_layers": 2, "embed_dim": 64,
+                                  "repr_layers": [2], "truncation_seq_length": 1022, "compute_dtype": "fp32",
+                                  "toks_per_batch": 500, "world_size": 1}
+    assert report["arguments"][report["arguments"].index("--toks-per-batch") + 1] == "500"
+    for package in ("torch", "fair-esm", "h5py", "numpy", "biopython"):
+        assert report["versions"][package] == importlib.metadata.version(package)
+    with h5py.File(single_process_run.out, "r") as f:
+        stored = json.loads(f.attrs["last_run"])
+    assert stored == {k: v for k, v in report.items() if k not in ("status", "out")}
+
+
+def test_a_report_that_cannot_be_written_is_refused_before_any_work(tmp_path, tiny_model_path, capsid_fasta):
+    out, report = tmp_path / "out.h5", tmp_path / "no_such_dir" / "report.json"
+    done = run_extract(["--model", tiny_model_path, "--fasta", capsid_fasta, "--out", out, "--report", report])
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (f"esm_features: error: --report {report}: "
+                                                    f"cannot write a file in {report.parent}")
+    assert not out.exists()
