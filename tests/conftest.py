@@ -11,6 +11,10 @@ from jobs import clean_env, extract_command, write_fasta
 
 PHAGE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "phage"
 
+# fair-esm's reference forward runs in the test process itself: on a loaded machine, more intra-op threads
+# than free cores make it many times slower (spinning threads wait for each other).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
