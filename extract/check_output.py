@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 if __package__ in (None, ""):  # started as a script: make the `extract` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,21 +50,32 @@ def _rows_not_finite(dataset: h5py.Dataset) -> np.ndarray:
     return np.concatenate(bad)
 
 
+def _records_of(dataset: h5py.Dataset, f: h5py.File, records: int) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Maps rows of `dataset` to the records they belong to; None for a dataset not made of records' rows."""
+    if dataset.name.startswith(f"/{output_file.PER_TOKEN_GROUP}/") and output_file.TOKEN_OFFSETS in f:
+        offsets = f[output_file.TOKEN_OFFSETS][:]
+        return lambda rows: np.searchsorted(offsets, rows, side="right") - 1
+    return (lambda rows: rows) if dataset.shape[0] == records else None
+
+
 def _non_finite_problems(f: h5py.File, ids: np.ndarray, done: np.ndarray) -> list[str]:
-    """Row datasets are checked in their done rows (the others hold whatever the disk held);
-    any other float dataset only once every row is done."""
+    """Datasets of records' rows are checked in the rows of done records (the others hold whatever the
+    disk held); any other float dataset only once every record is done."""
     problems = []
     for dataset in _float_datasets(f):
-        per_row = dataset.shape[0] == len(ids)
-        if not (per_row or done.all()):
+        records_of = _records_of(dataset, f, len(ids))
+        if records_of is None and not done.all():
             continue
         bad = _rows_not_finite(dataset)
-        if per_row:
-            bad = bad[done[bad]]
+        if records_of is None:
             if bad.size:
-                problems.append(f"{dataset.name}: {bad.size} row(s) hold NaN or inf ({_named(list(ids[bad]))})")
-        elif bad.size:
-            problems.append(f"{dataset.name}: {bad.size} row(s) of the dataset hold NaN or inf")
+                problems.append(f"{dataset.name}: {bad.size} row(s) hold NaN or inf")
+            continue
+        records = np.unique(records_of(bad))
+        records = records[done[records]]
+        if records.size:
+            problems.append(f"{dataset.name}: {records.size} record(s) hold NaN or inf "
+                            f"({_named(list(ids[records]))})")
     return problems
 
 

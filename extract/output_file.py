@@ -24,7 +24,8 @@ from extract.errors import UserError
 FORMAT_VERSION = 1
 TOOL = "esm-features 0.1.0"
 INCOMPLETE, COMPLETE = "incomplete", "complete"
-TOKEN_OFFSETS = "per_tok/offsets"
+PER_TOKEN_GROUP = "per_tok"
+TOKEN_OFFSETS = f"{PER_TOKEN_GROUP}/offsets"
 STORAGE_DTYPES = ("float32", "float16")
 # HDF5's superblock, object headers and attributes, and per id a global-heap entry and its reference.
 FIXED_OVERHEAD_BYTES = 64 * 1024

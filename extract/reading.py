@@ -4,6 +4,7 @@
     with Embeddings("proteins.h5") as emb:
         matrix = emb.in_input_order()              # (proteins, D), rows in FASTA order
         two = emb.by_id(["YP_009818103.1", "NP_040703.1"], layer=33)
+        residues = emb.residues("NP_040703.1")      # (embedded residues, D), with --include per_tok
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import h5py
 import numpy as np
 
 from extract import output_file
+from extract.output_file import PER_TOKEN_GROUP as PER_TOKEN
 
 
 class Embeddings:
@@ -66,6 +68,11 @@ class Embeddings:
         return [name for name in self._file if isinstance(self._file[name], h5py.Group)]
 
     def _dataset(self, layer: int | None, kind: str) -> h5py.Dataset:
+        if kind == PER_TOKEN:
+            raise ValueError(f"{self.path}: {PER_TOKEN} holds one row per residue; use residues(id)")
+        return self._layer(layer, kind)
+
+    def _layer(self, layer: int | None, kind: str) -> h5py.Dataset:
         layers = self.layers(kind)
         if layer is None:
             if len(layers) != 1:
@@ -79,15 +86,24 @@ class Embeddings:
         """Every protein's embedding, rows in input order. `layer` may be left out if only one is stored."""
         return self._dataset(layer, kind)[:]
 
-    def by_id(self, ids: Sequence[str], layer: int | None = None, kind: str = "mean") -> np.ndarray:
-        """The embeddings of the proteins named, in the order named (an id may be named twice)."""
+    def _row_numbers(self, ids: Sequence[str]) -> np.ndarray:
         missing = [protein for protein in ids if protein not in self._rows]
         if missing:
             raise KeyError(f"{self.path}: no protein with id {missing[0]!r}"
                            + (f" (and {len(missing) - 1} more ids missing)" if len(missing) > 1 else ""))
+        return np.array([self._rows[protein] for protein in ids], dtype=np.int64)
+
+    def by_id(self, ids: Sequence[str], layer: int | None = None, kind: str = "mean") -> np.ndarray:
+        """The embeddings of the proteins named, in the order named (an id may be named twice)."""
         dataset = self._dataset(layer, kind)
-        rows = np.array([self._rows[protein] for protein in ids], dtype=np.int64)
+        rows = self._row_numbers(ids)
         if rows.size == 0:
             return dataset[0:0]
         unique, order = np.unique(rows, return_inverse=True)  # h5py reads increasing rows only
         return dataset[unique][order]
+
+    def residues(self, protein: str, layer: int | None = None) -> np.ndarray:
+        """One protein's per-residue embeddings (output with --include per_tok), one row per embedded residue."""
+        (row,) = self._row_numbers([protein])
+        start, end = self._file[output_file.TOKEN_OFFSETS][row : row + 2]
+        return self._layer(layer, PER_TOKEN)[start:end]

@@ -16,7 +16,7 @@ from extract.output_file import DoneFlags
 from jobs import REPO, clean_env
 
 # Small batches, so that even 16 short proteins take several; progress reports every 50 ms.
-SMALL_JOB_FLAGS = ("--toks-per-batch", "500", "--progress-seconds", "0.05")
+SMALL_JOB_FLAGS = ("--include", "mean", "per_tok", "--toks-per-batch", "500", "--progress-seconds", "0.05")
 FAKE_SLURM = Path(__file__).resolve().parent / "fake_slurm"
 LOCAL_LAUNCHER = REPO / "launch" / "local.sh"
 

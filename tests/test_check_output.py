@@ -42,14 +42,20 @@ def test_unfinished_rows_and_status_are_reported(capsys, output):
                      f"{output}: 2 of 16 rows are not done ({ids[0]}, {ids[1]})"]
 
 
-def test_nan_and_inf_in_done_rows_are_reported(capsys, output):
+def test_nan_and_inf_in_done_records_are_reported(capsys, output):
     with h5py.File(output, "r+") as f:
         f["mean/layer_2"][5, 7] = np.nan
         f["mean/layer_2"][11, 0] = np.inf
-        ids = f["ids"].asstr()[[5, 11]]
+        offsets = f["per_tok/offsets"][:]
+        f["per_tok/layer_2"][offsets[3] + 1, 2] = np.nan
+        f["per_tok/layer_2"][offsets[8], 0] = np.nan  # in a record not done: its rows mean nothing yet
+        f["done"][8] = 0
+        ids = f["ids"].asstr()[:]
     code, lines, _ = _check(capsys, output)
     assert code == 1
-    assert lines == [f"{output}: /mean/layer_2: 2 row(s) hold NaN or inf ({ids[0]}, {ids[1]})"]
+    assert lines == [f"{output}: 1 of 16 rows are not done ({ids[8]})",
+                     f"{output}: /mean/layer_2: 2 record(s) hold NaN or inf ({ids[5]}, {ids[11]})",
+                     f"{output}: /per_tok/layer_2: 1 record(s) hold NaN or inf ({ids[3]})"]
 
 
 def test_ids_other_than_the_fastas_are_reported(capsys, tmp_path, output, capsid_fasta):

@@ -8,7 +8,7 @@ import pytest
 
 from extract.fasta import read_inputs
 from extract.reading import Embeddings
-from fair_esm_reference import fair_esm_means, load_fair_esm
+from fair_esm_reference import fair_esm_means, fair_esm_representations, load_fair_esm
 
 
 def test_in_input_order_is_fair_esms_mean_for_each_fasta_record(single_process_run, capsid_fasta, tiny_model_path):
@@ -19,6 +19,20 @@ def test_in_input_order_is_fair_esms_mean_for_each_fasta_record(single_process_r
         assert emb.ids == inputs.ids and emb.layers() == [2] and emb.done.all()
         assert np.abs(emb.in_input_order() - expected).max() <= 1e-4
         np.testing.assert_array_equal(emb.in_input_order(layer=2), emb.in_input_order())
+
+
+def test_residues_are_fair_esms_per_residue_representations(single_process_run, capsid_fasta, tiny_model_path):
+    inputs = read_inputs([capsid_fasta])
+    model, alphabet = load_fair_esm(tiny_model_path)
+    expected = fair_esm_representations(model, alphabet, inputs.sequences[:3], [2])
+    with Embeddings(single_process_run.out) as emb:
+        assert emb.layers("per_tok") == [2]
+        for protein, reference in zip(inputs.ids, expected):
+            residues = emb.residues(protein)
+            assert residues.shape == reference[2].shape
+            assert np.abs(residues - reference[2]).max() <= 1e-4
+        with pytest.raises(ValueError, match="per_tok holds one row per residue; use residues\\(id\\)"):
+            emb.by_id([inputs.ids[0]], kind="per_tok")
 
 
 def test_by_id_returns_rows_in_the_order_named(single_process_run):
@@ -35,7 +49,7 @@ def test_unknown_ids_and_layers_are_named(single_process_run):
             emb.by_id(["nobody", emb.ids[0], "nobody_else"])
         with pytest.raises(KeyError, match="no mean embeddings of layer 1; it holds layers \\[2\\]"):
             emb.in_input_order(layer=1)
-        with pytest.raises(KeyError, match="no 'bos' embeddings; it holds \\['mean'\\]"):
+        with pytest.raises(KeyError, match="no 'bos' embeddings; it holds \\['mean', 'per_tok'\\]"):
             emb.layers("bos")
 
 

@@ -22,14 +22,16 @@ def test_report_of_a_single_process_run(single_process_run, capsid_fasta):
     assert rank["peak_host_bytes"] == total["peak_host_bytes"] > 0 and total["peak_device_bytes"] is None
     assert total["seconds"] >= rank["seconds"] > 0 and rank["residues_per_second"] > 0
     assert (total["oom_split_batches"], total["failed_rows"]) == (0, 0)
-    assert report["settings"] == {"model": "tiny_esm2", "random_weights": False, "num_layers": 2, "embed_dim": 64,
-                                  "repr_layers": [2], "truncation_seq_length": 1022, "compute_dtype": "fp32",
-                                  "toks_per_batch": 500, "world_size": 1}
+    with h5py.File(single_process_run.out, "r") as f:
+        file_settings = {name: f.attrs[name] for name in ("model", "random_weights", "compute_dtype", "storage_dtype",
+                                                          "truncation_seq_length", "toks_per_batch")}
+        stored = json.loads(f.attrs["last_run"])
+    assert {name: report["settings"][name] for name in file_settings} == file_settings
+    assert (report["settings"]["repr_layers"], report["settings"]["include"]) == ([2], ["mean", "per_tok"])
+    assert report["settings"]["world_size"] == 1 and report["settings"]["toks_per_batch"] == 500
     assert report["arguments"][report["arguments"].index("--toks-per-batch") + 1] == "500"
     for package in ("torch", "fair-esm", "h5py", "numpy", "biopython"):
         assert report["versions"][package] == importlib.metadata.version(package)
-    with h5py.File(single_process_run.out, "r") as f:
-        stored = json.loads(f.attrs["last_run"])
     assert stored == {k: v for k, v in report.items() if k not in ("status", "out")}
 
 
