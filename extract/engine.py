@@ -20,9 +20,9 @@ import torch
 
 from extract import output_file, progress, run_report
 from extract.errors import JobError, UserError
-from extract.fasta import ProteinInputs
-from extract.output_file import RowDataset, RowWriter
-from extract.planning import plan_batches
+from extract.input_index import InputIndex
+from extract.output_file import FileLayout, RowDataset, RowWriter
+from extract.planning import Work, concatenated_ranges, plan_work
 from extract.run_report import RankStats
 from extract.runtime import RankIdentity, barrier, gather, leader_decides
 
@@ -47,6 +47,7 @@ class JobSettings:
     storage_dtype: str = "float32"
     report: Path | None = None
     context: Mapping[str, object] = field(default_factory=dict)  # recorded in the run report as given
+    dedupe: bool = True  # compute each distinct sequence once and copy its values to every row holding it
 
 
 def file_settings(embedder: Embedder, job: JobSettings) -> dict:
@@ -54,66 +55,96 @@ def file_settings(embedder: Embedder, job: JobSettings) -> dict:
     return {**embedder.settings(), "storage_dtype": job.storage_dtype}
 
 
-def fingerprint(inputs: ProteinInputs, embedder: Embedder, job: JobSettings) -> str:
+def fingerprint(inputs: InputIndex, embedder: Embedder, job: JobSettings) -> str:
     """What makes two outputs interchangeable: the same records, model and settings."""
     text = inputs.digest + json.dumps(file_settings(embedder, job), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def prepare_output(inputs: ProteinInputs, embedder: Embedder, job: JobSettings, log: logging.Logger) -> str:
+def resumable_status(inputs: InputIndex, embedder: Embedder, job: JobSettings) -> str | None:
+    """The status of the existing output this job would resume; None where it would create a new one."""
+    if not job.out.exists() or job.overwrite:
+        return None
+    try:
+        attrs = output_file.read_attrs(job.out)
+    except UserError as err:
+        raise UserError(f"{err}; pass --overwrite to replace it") from None
+    if attrs["fingerprint"] != fingerprint(inputs, embedder, job):
+        raise UserError(f"{job.out}: exists and was made from other inputs or settings; "
+                        f"pass --overwrite to replace it, or choose another --out")
+    return str(attrs["status"])
+
+
+def file_layout(inputs: InputIndex, embedder: Embedder, job: JobSettings) -> FileLayout:
+    return FileLayout(inputs.ids, inputs.lengths, embedder.residues_embedded(inputs.lengths), embedder.datasets(),
+                      job.storage_dtype, inputs.id_bytes)
+
+
+def prepare_output(inputs: InputIndex, embedder: Embedder, job: JobSettings, log: logging.Logger) -> str:
     """On rank 0: create the output, or check that an existing one may be resumed. Returns its status."""
     if job.report is not None and not os.access(job.report.parent, os.W_OK):
         raise UserError(f"--report {job.report}: cannot write a file in {job.report.parent}")
-    expected = fingerprint(inputs, embedder, job)
-    resuming = job.out.exists() and not job.overwrite
-    if resuming:
-        try:
-            attrs = output_file.read_attrs(job.out)
-        except UserError as err:
-            raise UserError(f"{err}; pass --overwrite to replace it") from None
-        if attrs["fingerprint"] != expected:
-            raise UserError(f"{job.out}: exists and was made from other inputs or settings; "
-                            f"pass --overwrite to replace it, or choose another --out")
-    layout = output_file.FileLayout(inputs.ids, inputs.lengths, embedder.residues_embedded(inputs.lengths),
-                                    embedder.datasets(), job.storage_dtype)
+    status = resumable_status(inputs, embedder, job)
+    layout = file_layout(inputs, embedder, job)
     planned = layout.planned_bytes()
     free = output_file.check_room(job.out, planned)
     log.info("output %s: %s planned, %s free on its file system", job.out, output_file.format_bytes(planned),
              output_file.format_bytes(free))
-    if resuming:
-        log.info("resuming %s (status %s)", job.out, attrs["status"])
-        return str(attrs["status"])
+    if status is not None:
+        log.info("resuming %s (status %s)", job.out, status)
+        return status
     attrs = {**file_settings(embedder, job), "toks_per_batch": job.toks_per_batch, "tool": output_file.TOOL,
-             "format_version": output_file.FORMAT_VERSION, "fingerprint": expected}
+             "format_version": output_file.FORMAT_VERSION, "fingerprint": fingerprint(inputs, embedder, job)}
     output_file.create(job.out, layout, attrs)
     return output_file.INCOMPLETE
 
 
-def _compute_rows(identity: RankIdentity, inputs: ProteinInputs, embedder: Embedder,
+def plan_job(inputs: InputIndex, embedder: Embedder, job: JobSettings, pending: np.ndarray) -> Work:
+    """The plan every rank computes alike (and a dry run shows) for the `pending` rows."""
+    lengths = np.asarray(inputs.lengths)
+    return plan_work(pending, inputs.representatives if job.dedupe else None, embedder.tokens_per_row(lengths),
+                     job.toks_per_batch, embedder.inputs_per_row(lengths))
+
+
+def _values_for(targets_take: np.ndarray, values: Mapping[str, np.ndarray], token_counts: np.ndarray,
+                datasets: list[RowDataset]) -> dict[str, np.ndarray]:
+    """The batch's values for the rows that take them: row k takes those of batch record `targets_take[k]`
+    (for a per-token dataset, all of that record's rows)."""
+    per_token = {ds.name for ds in datasets if ds.per_token}
+    token_rows = concatenated_ranges((np.cumsum(token_counts) - token_counts)[targets_take],
+                                     token_counts[targets_take]) if per_token else None
+    return {name: array[token_rows if name in per_token else targets_take] for name, array in values.items()}
+
+
+def _compute_rows(identity: RankIdentity, inputs: InputIndex, embedder: Embedder,
                   job: JobSettings, log: logging.Logger) -> RankStats:
     started = time.monotonic()
     writer = RowWriter(job.out, embedder.datasets())
     try:
-        pending = writer.pending_rows()
-        lengths = inputs.lengths[pending]
-        plan = plan_batches(pending, embedder.tokens_per_row(lengths), job.toks_per_batch,
-                            embedder.inputs_per_row(lengths))
-        mine = plan.for_rank(identity.rank, identity.world_size)
+        work = plan_job(inputs, embedder, job, writer.pending_rows())
+        mine = work.plan.for_rank(identity.rank, identity.world_size)
         if identity.is_leader:
-            log.info("%d rows to compute in %d batches of <= %d tokens", pending.size, len(plan.batches),
-                     job.toks_per_batch)
+            for line in work.describe(inputs.lengths, identity.world_size):
+                log.info("%s", line)
         log.info("%d of the batches are this rank's", len(mine))
-        rows = residues = 0
-        for batch in mine:
-            writer.write(batch, embedder.embed([inputs.sequences[row] for row in batch]))
-            rows += batch.size
-            residues += int(inputs.lengths[batch].sum())
+        rows = residues = computed = computed_residues = 0
+        with inputs.sequences() as store:
+            for batch in mine:
+                values = embedder.embed(store.fetch(batch))
+                targets, take = work.copies(batch)
+                token_counts = embedder.residues_embedded(inputs.lengths[batch])
+                writer.write(targets, _values_for(take, values, token_counts, embedder.datasets()))
+                rows += targets.size
+                residues += int(inputs.lengths[targets].sum())
+                computed += batch.size
+                computed_residues += int(inputs.lengths[batch].sum())
     finally:
         writer.close()
-    log.info("wrote %d rows (%d residues) in %d batches", rows, residues, len(mine))
-    tokens = int(plan.batch_tokens[identity.rank::identity.world_size].sum())
-    return RankStats(identity.rank, str(embedder.device), rows, residues, tokens, time.monotonic() - started,
-                     run_report.peak_host_bytes(), run_report.peak_device_bytes(embedder.device))
+    log.info("wrote %d rows (%d residues), %d of them computed, in %d batches", rows, residues, computed, len(mine))
+    tokens = int(work.plan.batch_tokens[identity.rank::identity.world_size].sum())
+    return RankStats(identity.rank, str(embedder.device), rows, residues, computed, computed_residues, tokens,
+                     time.monotonic() - started, run_report.peak_host_bytes(),
+                     run_report.peak_device_bytes(embedder.device))
 
 
 def _finish(job: JobSettings, report: dict, log: logging.Logger) -> None:
@@ -126,12 +157,14 @@ def _finish(job: JobSettings, report: dict, log: logging.Logger) -> None:
     if missing.size:
         raise JobError(f"{job.out}: {missing.size} rows are still not done; rerun the same command to resume")
     total = report["total"]
-    log.info("complete: %d rows, %d residues in %.1f s (%.0f residues/s); rows per rank %s -> %s",
-             total["rows"], total["residues"], total["seconds"], total["residues_per_second"],
+    log.info("complete: %d rows, %d of them computed (%.1f%% were copies of identical sequences, saving %.1f%% of "
+             "the residues); %d residues in %.1f s (%.0f residues/s); rows per rank %s -> %s", total["rows"],
+             total["rows_computed"], 100 * total["duplicate_share"], 100 * total["residues_saved_share"],
+             total["residues"], total["seconds"], total["residues_per_second"],
              [rank["rows"] for rank in report["ranks"]], job.out)
 
 
-def run_job(identity: RankIdentity, inputs: ProteinInputs, embedder: Embedder, job: JobSettings,
+def run_job(identity: RankIdentity, inputs: InputIndex, embedder: Embedder, job: JobSettings,
             log: logging.Logger, started: float) -> None:
     """Fill the output with every row's embeddings; raises UserError/JobError on every rank alike."""
     status = leader_decides(identity, lambda: prepare_output(inputs, embedder, job, log))
@@ -145,6 +178,6 @@ def run_job(identity: RankIdentity, inputs: ProteinInputs, embedder: Embedder, j
         all_stats = gather(stats)
         barrier()
     settings = {**file_settings(embedder, job), "toks_per_batch": job.toks_per_batch,
-                "world_size": identity.world_size}
+                "world_size": identity.world_size, "dedupe": job.dedupe}
     report = run_report.build(all_stats, time.monotonic() - started, len(inputs), settings, job.context)
     leader_decides(identity, lambda: _finish(job, report, log))

@@ -16,12 +16,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # started as a script: make the `extract` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract import fasta, run_report, runtime  # noqa: E402
+import torch  # noqa: E402
+
+from extract import dry_run, input_index, run_report, runtime  # noqa: E402
 from extract.engine import JobSettings, run_job  # noqa: E402
 from extract.errors import JobError, UserError  # noqa: E402
 from extract.esm2_embedder import DTYPES, Esm2Embedder, choose_dtype  # noqa: E402
 from extract.long_sequences import MODES, LongSequencePolicy  # noqa: E402
-from extract.model_loading import load_model  # noqa: E402
+from extract.model_loading import LoadedModel, load_model  # noqa: E402
 from extract.output_file import STORAGE_DTYPES  # noqa: E402
 from extract.pooling import OUTPUTS  # noqa: E402
 
@@ -57,6 +59,12 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--progress-seconds", type=_positive_seconds, default=30.0,
                         help="seconds between progress lines of rank 0 (default: 30)")
     parser.add_argument("--report", type=Path, help="write a JSON run report here (also stored in the output)")
+    parser.add_argument("--no-dedupe", dest="dedupe", action="store_false",
+                        help="compute every row, even where an earlier row holds the same sequence "
+                             "(by default identical sequences are computed once and copied)")
+    parser.add_argument("--dry-run", nargs="?", const=0, type=_positive_int, metavar="RANKS",
+                        help="read, validate and plan, then print what the job would do on RANKS ranks "
+                             "(default: this launch's), without loading the model or writing anything")
     return parser
 
 
@@ -78,6 +86,26 @@ def _positive_seconds(text: str) -> float:
     return seconds
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _embedder(args: argparse.Namespace, loaded: LoadedModel, long_sequences: LongSequencePolicy,
+              placed_on: torch.device, device: torch.device) -> Esm2Embedder:
+    """ESM-2 as this job runs it on `device`; `placed_on` is where its weights are (meta: none)."""
+    return Esm2Embedder(loaded, placed_on, choose_dtype(args.dtype, device), args.repr_layers, long_sequences,
+                        args.include)
+
+
+def _job_settings(args: argparse.Namespace, argv: list[str], embedder: Esm2Embedder) -> JobSettings:
+    budget = embedder.auto_token_budget() if args.toks_per_batch == "auto" else args.toks_per_batch
+    context = {"arguments": argv, "versions": run_report.package_versions(REPORTED_PACKAGES)}
+    return JobSettings(args.out, budget, args.overwrite, args.progress_seconds, args.storage_dtype, args.report,
+                       context, args.dedupe)
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> None:
     """The whole job for this rank; raises UserError or JobError when it cannot finish."""
     started = time.monotonic()
@@ -86,20 +114,37 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     device = runtime.choose_device(args.device, identity)
     long_sequences = LongSequencePolicy.from_options(args.long_sequences, args.truncation_seq_length,
                                                      args.window_overlap)
-    with runtime.process_group(identity, device):
-        inputs = fasta.read_inputs(args.fasta)
-        loaded = load_model(args.model, lambda: runtime.local_leader_first(identity))
-        embedder = Esm2Embedder(loaded, device, choose_dtype(args.dtype, device), args.repr_layers,
-                                long_sequences, args.include)
-        budget = embedder.auto_token_budget() if args.toks_per_batch == "auto" else args.toks_per_batch
+    if args.dry_run is not None:
         if identity.is_leader:
-            log.info("%d proteins from %d file(s); model %s%s on %s in %s", len(inputs), len(args.fasta),
-                     loaded.name, " (random weights)" if loaded.random_weights else "", device,
+            _dry_run(args, argv, long_sequences, device, args.dry_run or identity.world_size)
+        return
+    with runtime.process_group(identity, device):
+        index_directory = input_index.directory_for(args.out)
+        reused = runtime.leader_decides(identity, lambda: input_index.prepare(args.fasta, index_directory))
+        inputs = input_index.load(index_directory)
+        loaded = load_model(args.model, lambda: runtime.local_leader_first(identity))
+        embedder = _embedder(args, loaded, long_sequences, device, device)
+        if identity.is_leader:
+            log.info("%d proteins from %d file(s), input index %s; model %s%s on %s in %s", len(inputs),
+                     len(args.fasta), "reused (inputs unchanged)" if reused else "built", loaded.name,
+                     " (random weights)" if loaded.random_weights else "", device,
                      embedder.settings()["compute_dtype"])
-        context = {"arguments": argv, "versions": run_report.package_versions(REPORTED_PACKAGES)}
-        job = JobSettings(args.out, budget, args.overwrite, args.progress_seconds, args.storage_dtype, args.report,
-                          context)
-        run_job(identity, inputs, embedder, job, log, started)
+        run_job(identity, inputs, embedder, _job_settings(args, argv, embedder), log, started)
+        if identity.is_leader:
+            input_index.remove(index_directory)
+
+
+def _dry_run(args: argparse.Namespace, argv: list[str], long_sequences: LongSequencePolicy, device: torch.device,
+             world_size: int) -> None:
+    saved = input_index.saved_if_current(args.fasta, input_index.directory_for(args.out))
+    inputs = saved or input_index.build(args.fasta, None)
+    loaded = load_model(args.model, weights=False)
+    embedder = _embedder(args, loaded, long_sequences, torch.device("meta"), device)
+    lines = dry_run.describe(inputs, embedder, _job_settings(args, argv, embedder), world_size)
+    if device.type == "cuda" and args.toks_per_batch == "auto":
+        lines.append("note: on GPUs --toks-per-batch auto is sized from free memory once the model is loaded; "
+                     "this plan uses the CPU's budget, pass --toks-per-batch to plan with another")
+    print("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,8 +102,17 @@ def _load_checkpoint_file(path: Path, name: str) -> LoadedModel:
     return LoadedModel(model, alphabet, name, random_weights=False)
 
 
-def load_model(spec: str, local_leader_first: Callable[[], ContextManager] = contextlib.nullcontext) -> LoadedModel:
-    """Resolve a `--model` value; `local_leader_first` lets one process per node fetch first."""
+def load_model(spec: str, local_leader_first: Callable[[], ContextManager] = contextlib.nullcontext,
+               weights: bool = True) -> LoadedModel:
+    """Resolve a `--model` value; `local_leader_first` lets one process per node fetch first. Without
+    `weights` (a dry run) the model is built on the meta device: its shape only, nothing fetched or held."""
+    if not weights:
+        with torch.device("meta"):
+            return _resolve(spec, local_leader_first, fetch=False)
+    return _resolve(spec, local_leader_first, fetch=True)
+
+
+def _resolve(spec: str, local_leader_first: Callable[[], ContextManager], fetch: bool) -> LoadedModel:
     if spec.startswith(RANDOM_PREFIX):
         name = spec[len(RANDOM_PREFIX) :]
         if name not in ESM2_ARCHITECTURES:
@@ -111,6 +120,9 @@ def load_model(spec: str, local_leader_first: Callable[[], ContextManager] = con
         model = build_random_esm2(*ESM2_ARCHITECTURES[name])
         return LoadedModel(model, model.alphabet, name, random_weights=True)
     if spec in ESM2_ARCHITECTURES:
+        if not fetch:  # the shape alone, on the meta device
+            model = build_random_esm2(*ESM2_ARCHITECTURES[spec])
+            return LoadedModel(model, model.alphabet, spec, random_weights=False)
         with local_leader_first():
             path = fetch_hub_checkpoint(spec)
         return _load_checkpoint_file(path, spec)

@@ -14,7 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -31,6 +31,7 @@ STORAGE_DTYPES = ("float32", "float16")
 FIXED_OVERHEAD_BYTES = 64 * 1024
 ID_OVERHEAD_BYTES = 48
 BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+IDS_PER_WRITE = 1 << 20  # ids go to /ids in slices, so that no more of them exist as Python strings at once
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,12 @@ class RowDataset:
 class FileLayout:
     """What decides the file's datasets and size."""
 
-    ids: list[str]
+    ids: Sequence[str]
     lengths: np.ndarray  # residues per record
     embedded: np.ndarray  # residues per record that its representations cover
     datasets: list[RowDataset]
     storage_dtype: str
+    id_bytes: int | None = None  # UTF-8 bytes of all ids; None counts them in `ids`
 
     def rows(self, ds: RowDataset) -> int:
         return int(self.embedded.sum()) if ds.per_token else len(self.ids)
@@ -63,7 +65,7 @@ class FileLayout:
         records = len(self.ids)
         per_record = 8 + 1 + 1 + ID_OVERHEAD_BYTES  # lengths, done, truncated, id reference and heap entry
         offsets = 8 * (records + 1) if any(ds.per_token for ds in self.datasets) else 0
-        id_text = sum(len(i.encode()) for i in self.ids)
+        id_text = sum(len(i.encode()) for i in self.ids) if self.id_bytes is None else self.id_bytes
         return values + offsets + records * per_record + id_text + FIXED_OVERHEAD_BYTES
 
 
@@ -82,7 +84,10 @@ def create(path: Path, layout: FileLayout, attrs: Mapping) -> None:
     partial = path.with_name(path.name + ".creating")
     try:
         with h5py.File(partial, "w") as f:
-            f.create_dataset("ids", data=np.array(layout.ids, dtype=object), dtype=h5py.string_dtype())
+            id_dataset = f.create_dataset("ids", shape=(len(layout.ids),), dtype=h5py.string_dtype())
+            for start in range(0, len(layout.ids), IDS_PER_WRITE):
+                id_dataset[start : start + IDS_PER_WRITE] = np.array(layout.ids[start : start + IDS_PER_WRITE],
+                                                                     dtype=object)
             f.create_dataset("lengths", data=layout.lengths.astype(np.int64))
             f.create_dataset("truncated", data=(layout.embedded < layout.lengths).astype(np.uint8))
             f.create_dataset("done", data=np.zeros(len(layout.ids), dtype=np.uint8))

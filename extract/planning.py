@@ -5,6 +5,7 @@ Every rank computes the same plan from the same inputs without talking to the ot
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,13 @@ class Plan:
 
     def tokens_per_rank(self, world_size: int) -> np.ndarray:
         return np.array([self.batch_tokens[r::world_size].sum() for r in range(world_size)], dtype=np.int64)
+
+    def digest(self) -> str:
+        """Names the plan: the same digest means the same batches in the same order."""
+        digest = hashlib.sha256()
+        for batch in self.batches:
+            digest.update(np.int64(len(batch)).tobytes() + batch.astype(np.int64).tobytes())
+        return digest.hexdigest()
 
 
 def plan_batches(rows: np.ndarray, tokens: np.ndarray, toks_per_batch: int, inputs: np.ndarray | None = None) -> Plan:
@@ -42,3 +50,63 @@ def plan_batches(rows: np.ndarray, tokens: np.ndarray, toks_per_batch: int, inpu
     batch_tokens = np.array([tokens[a] * (inputs_before[b] - inputs_before[a]) for a, b in zip(starts, bounds)],
                             dtype=np.int64)
     return Plan(batches, batch_tokens)
+
+
+@dataclass(frozen=True)
+class Work:
+    """A plan over the rows to compute, one per distinct sequence, and the rows that take their values:
+    every pending row takes the values of its source row (itself, or the first row with its sequence)."""
+
+    plan: Plan
+    toks_per_batch: int
+    tokens: np.ndarray  # tokens of each row's model inputs, all together
+    computed: np.ndarray  # the rows the plan computes, ascending
+    targets: np.ndarray  # the pending rows, ordered by source
+    sources: np.ndarray  # the source of each target, ascending
+
+    def copies(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows that take a computed batch's values, and for each the position in the batch it takes."""
+        first = np.searchsorted(self.sources, batch, "left")
+        counts = np.searchsorted(self.sources, batch, "right") - first
+        return self.targets[concatenated_ranges(first, counts)], np.repeat(np.arange(len(batch)), counts)
+
+    def describe(self, lengths: np.ndarray, world_size: int) -> list[str]:
+        """What the work amounts to, in the words both a dry run and the job's log use."""
+        rows, computed = len(self.targets), len(self.computed)
+        residues = int(lengths[self.targets].sum())
+        saved = residues - int(lengths[self.computed].sum())
+        padded = int(self.plan.batch_tokens.sum())
+        padding = padded - int(self.tokens[self.computed].sum())
+        per_rank = self.plan.tokens_per_rank(world_size)
+        shown = ", ".join(f"{t:,}" for t in per_rank) if world_size <= 8 else f"{min(per_rank):,} to {max(per_rank):,}"
+        return [
+            f"rows: {rows:,} to write, {residues:,} residues",
+            f"compute: {computed:,} rows ({_share(rows - computed, rows)} of the rows take the values of an "
+            f"identical sequence, saving {_share(saved, residues)} of the residues)",
+            f"batches: {len(self.plan.batches):,} of <= {self.toks_per_batch:,} padded tokens, {padded:,} in all "
+            f"({_share(padding, padded)} padding); plan {self.plan.digest()[:16]}",
+            f"ranks: {world_size}, padded tokens per rank {shown}",
+        ]
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.2f}%" if whole else "0.00%"
+
+
+def concatenated_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """range(starts[0], starts[0] + counts[0]), then the next range, and so on, as one array."""
+    return np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(int(np.sum(counts)))
+
+
+def plan_work(pending: np.ndarray, sources: np.ndarray | None, tokens: np.ndarray, toks_per_batch: int,
+              inputs: np.ndarray | None = None) -> Work:
+    """Plan `pending` rows. `sources[row]` is the row whose values `row` takes (identical sequences are
+    computed once); None computes every row itself. Row `row` is `inputs[row]` model inputs (default 1)
+    of `tokens[row]` tokens each."""
+    pending_sources = pending if sources is None else np.asarray(sources[pending])
+    order = np.argsort(pending_sources, kind="stable")
+    targets, pending_sources = pending[order], pending_sources[order]
+    computed = pending_sources[np.diff(pending_sources, prepend=-1) != 0]
+    inputs = np.ones_like(tokens) if inputs is None else inputs
+    plan = plan_batches(computed, tokens[computed], toks_per_batch, inputs[computed])
+    return Work(plan, toks_per_batch, tokens * inputs, computed, targets, pending_sources)

@@ -22,8 +22,10 @@ class RankStats:
 
     rank: int
     device: str
-    rows: int
-    residues: int
+    rows: int  # rows written
+    residues: int  # residues of the rows written
+    rows_computed: int  # of them, rows computed; the others took the values of an identical sequence
+    residues_computed: int
     tokens: int  # padded tokens computed: each batch's longest row (BOS/EOS included) x its rows
     seconds: float  # time spent computing and writing this rank's batches
     peak_host_bytes: int
@@ -57,6 +59,10 @@ def _rate(residues: int, seconds: float) -> float:
     return round(residues / seconds, 1) if seconds > 0 else 0.0
 
 
+def _share(part: int, whole: int) -> float:
+    return round(part / whole, 4) if whole else 0.0
+
+
 def _rank_entry(stats: RankStats) -> dict:
     return {**asdict(stats), "seconds": round(stats.seconds, 3),
             "residues_per_second": _rate(stats.residues, stats.seconds)}
@@ -66,14 +72,20 @@ def build(stats: list[RankStats], wall_seconds: float, rows_in_file: int, settin
           context: Mapping) -> dict:
     """The report of one run: per rank, the total over ranks, then `settings` and `context` as given."""
     device_peaks = [s.peak_device_bytes for s in stats if s.peak_device_bytes is not None]
+    rows, computed = sum(s.rows for s in stats), sum(s.rows_computed for s in stats)
+    residues, residues_computed = sum(s.residues for s in stats), sum(s.residues_computed for s in stats)
     total = {
         "ranks": len(stats),
         "rows_in_file": rows_in_file,
-        "rows": sum(s.rows for s in stats),
-        "residues": sum(s.residues for s in stats),
+        "rows": rows,
+        "residues": residues,
+        "rows_computed": computed,
+        "residues_computed": residues_computed,
+        "duplicate_share": _share(rows - computed, rows),  # rows that took an identical sequence's values
+        "residues_saved_share": _share(residues - residues_computed, residues),
         "tokens": sum(s.tokens for s in stats),
         "seconds": round(wall_seconds, 3),
-        "residues_per_second": _rate(sum(s.residues for s in stats), wall_seconds),
+        "residues_per_second": _rate(residues, wall_seconds),
         "peak_host_bytes": max(s.peak_host_bytes for s in stats),
         "peak_device_bytes": max(device_peaks) if device_peaks else None,
         "oom_split_batches": sum(s.oom_split_batches for s in stats),

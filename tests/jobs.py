@@ -37,6 +37,21 @@ def run_extract(args: list, nproc: int | None = None, timeout: float = 300, **kw
                           timeout=timeout, **kwargs)
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process descended from it (torchrun starts its workers in sessions of their own)."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except OSError:  # it ended meanwhile
+            continue
+    tree = [pid]
+    for member in tree:
+        tree += [child for child, parent in parents.items() if parent == member]
+    return tree
+
+
 def write_fasta(path: Path, records: list[tuple[str, str]]) -> Path:
     path.write_text("".join(f">{rid} test protein\n{seq}\n" for rid, seq in records))
     return path

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from extract.planning import plan_batches
+from extract.planning import plan_batches, plan_work
 
 
 def _plan(seed=0, rows=500, budget=4096):
@@ -83,3 +83,44 @@ def test_windowed_rows_stay_within_budget_and_each_in_one_batch():
     for batch, padded in zip(plan.batches, plan.batch_tokens):
         assert padded == tokens[batch].max() * inputs[batch].sum()
         assert padded <= 4096 or batch.size == 1
+
+
+def _copies_of(work):
+    """Every row the work writes, with the row whose computed values it takes."""
+    written = {}
+    for batch in work.plan.batches:
+        rows, taken = work.copies(batch)
+        for row, source in zip(rows.tolist(), batch[taken].tolist()):
+            assert row not in written
+            written[row] = source
+    return written
+
+
+def test_identical_sequences_are_planned_once_and_copied_to_every_row():
+    sources = np.array([0, 1, 0, 3, 1, 0, 6, 3])
+    tokens = np.array([50, 40, 50, 30, 40, 50, 20, 30])
+    work = plan_work(np.arange(8), sources, tokens, 100)
+    assert sorted(np.concatenate(work.plan.batches).tolist()) == [0, 1, 3, 6] == work.computed.tolist()
+    assert _copies_of(work) == {row: int(sources[row]) for row in range(8)}
+    assert work.plan.batch_tokens.sum() == 50 * 2 + 30 * 2  # [0, 1] then [3, 6]
+
+
+def test_rows_whose_source_is_done_still_take_its_values():
+    sources = np.array([0, 1, 0, 3, 1, 0])
+    work = plan_work(np.array([2, 4, 5]), sources, np.full(6, 10), 100)
+    assert work.computed.tolist() == [0, 1]
+    assert _copies_of(work) == {2: 0, 4: 1, 5: 0}
+
+
+def test_without_sources_every_row_computes_itself():
+    tokens = np.array([5, 9, 7, 3])
+    work = plan_work(np.array([0, 2, 3]), None, tokens, 12)
+    assert _copies_of(work) == {0: 0, 2: 2, 3: 3}
+    assert [b.tolist() for b in work.plan.batches] == [b.tolist() for b in plan_batches(np.array([0, 2, 3]),
+                                                                                         tokens[[0, 2, 3]], 12).batches]
+
+
+def test_nothing_pending_plans_nothing():
+    work = plan_work(np.empty(0, np.int64), np.arange(4), np.full(4, 10), 100)
+    assert work.plan.batches == [] and work.computed.size == 0
+    assert work.describe(np.full(4, 8), 2)[0] == "rows: 0 to write, 0 residues"

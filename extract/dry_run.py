@@ -1,0 +1,44 @@
+"""The dry run: read, validate and plan exactly as the job would, then say what it would do.
+
+No model weights are loaded (the model is built on the meta device, for its shape) and nothing is
+written, so admins can size a job on a login node: rows, distinct sequences, residues, batches,
+padded tokens per rank and the output file's size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from extract import output_file
+from extract.engine import Embedder, JobSettings, file_layout, file_settings, plan_job, resumable_status
+from extract.input_index import InputIndex
+
+
+def describe(inputs: InputIndex, embedder: Embedder, job: JobSettings, world_size: int) -> list[str]:
+    """What a run with these inputs, model and settings would do on `world_size` ranks; the UserError it
+    would stop with, if any."""
+    status = resumable_status(inputs, embedder, job)
+    if status == output_file.COMPLETE:
+        pending = np.empty(0, np.int64)
+        output = f"{job.out} is complete; a run would do nothing"
+    else:
+        planned = file_layout(inputs, embedder, job).planned_bytes()
+        room = (f"{output_file.format_bytes(planned)} planned, "
+                f"{output_file.format_bytes(output_file.check_room(job.out, planned))} free on its file system")
+        if status is None:
+            pending = np.arange(len(inputs))
+            output = f"{job.out} would be created: {room}"
+        else:
+            flags = output_file.DoneFlags(job.out)
+            pending = np.flatnonzero(flags.read() == 0)
+            flags.close()
+            output = f"{job.out} would be resumed, {len(inputs) - pending.size:,} of {len(inputs):,} rows are done: {room}"
+    settings = {**file_settings(embedder, job), "toks_per_batch": job.toks_per_batch, "dedupe": job.dedupe}
+    return [
+        "dry run: nothing computed, nothing written",
+        f"inputs: {len(inputs):,} rows, {int(np.sum(inputs.lengths)):,} residues, "
+        f"{inputs.distinct:,} distinct sequences",
+        "settings: " + ", ".join(f"{name} {value}" for name, value in settings.items()),
+        f"output: {output}",
+        *plan_job(inputs, embedder, job, pending).describe(inputs.lengths, world_size),
+    ]
