@@ -120,6 +120,7 @@ def _compute_rows(identity: RankIdentity, inputs: InputIndex, embedder: Embedder
                   job: JobSettings, log: logging.Logger) -> RankStats:
     started = time.monotonic()
     writer = RowWriter(job.out, embedder.datasets())
+    barrier()  # every rank plans from the same /done flags: none writes before all have read them
     try:
         work = plan_job(inputs, embedder, job, writer.pending_rows())
         mine = work.plan.for_rank(identity.rank, identity.world_size)

@@ -129,7 +129,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
                      len(args.fasta), "reused (inputs unchanged)" if reused else "built", loaded.name,
                      " (random weights)" if loaded.random_weights else "", device,
                      embedder.settings()["compute_dtype"])
-        run_job(identity, inputs, embedder, _job_settings(args, argv, embedder), log, started)
+        try:
+            run_job(identity, inputs, embedder, _job_settings(args, argv, embedder), log, started)
+        except UserError:  # refused to start: keep no index made for nothing, but one a resume may need
+            if identity.is_leader and not reused:
+                input_index.remove(index_directory)
+            raise
         if identity.is_leader:
             input_index.remove(index_directory)
 

@@ -124,7 +124,7 @@ def test_preemptible_job_stops_its_workers_requeues_and_resumes(tmp_path, tiny_m
     assert "time limit near, stopping the workers" in first
     assert "torchrun: stopped the workers on SIGUSR1; rerun the same command to resume" in first
     assert "stopped ahead of its time limit; requeueing it to resume" in first
-    resumed = re.search(r"\[rank 0/1\] (\d+) rows to compute", second)
+    resumed = re.search(r"\[rank 0/1\] rows: (\d+) to write", second)
     assert "(status incomplete)" in second and 0 < int(resumed.group(1)) < 120
     assert processes_mentioning(str(out)) == []
     assert_complete_and_like_fair_esm(out, [fasta], tiny_model_path)
