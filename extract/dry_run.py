@@ -32,7 +32,8 @@ def describe(inputs: InputIndex, embedder: Embedder, job: JobSettings, world_siz
             flags = output_file.DoneFlags(job.out)
             pending = np.flatnonzero(flags.read() == 0)
             flags.close()
-            output = f"{job.out} would be resumed, {len(inputs) - pending.size:,} of {len(inputs):,} rows are done: {room}"
+            done = len(inputs) - pending.size
+            output = f"{job.out} would be resumed, {done:,} of {len(inputs):,} rows are done: {room}"
     settings = {**file_settings(embedder, job), "toks_per_batch": job.toks_per_batch, "dedupe": job.dedupe}
     return [
         "dry run: nothing computed, nothing written",

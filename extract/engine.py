@@ -106,14 +106,14 @@ def plan_job(inputs: InputIndex, embedder: Embedder, job: JobSettings, pending: 
                      job.toks_per_batch, embedder.inputs_per_row(lengths))
 
 
-def _values_for(targets_take: np.ndarray, values: Mapping[str, np.ndarray], token_counts: np.ndarray,
+def _values_for(take: np.ndarray, values: Mapping[str, np.ndarray], token_counts: np.ndarray,
                 datasets: list[RowDataset]) -> dict[str, np.ndarray]:
-    """The batch's values for the rows that take them: row k takes those of batch record `targets_take[k]`
-    (for a per-token dataset, all of that record's rows)."""
+    """A computed batch's values for the rows that take them: row k takes those of batch record `take[k]`
+    (in a per-token dataset, all of that record's `token_counts[take[k]]` rows)."""
     per_token = {ds.name for ds in datasets if ds.per_token}
-    token_rows = concatenated_ranges((np.cumsum(token_counts) - token_counts)[targets_take],
-                                     token_counts[targets_take]) if per_token else None
-    return {name: array[token_rows if name in per_token else targets_take] for name, array in values.items()}
+    token_rows = concatenated_ranges((np.cumsum(token_counts) - token_counts)[take],
+                                     token_counts[take]) if per_token else None
+    return {name: array[token_rows if name in per_token else take] for name, array in values.items()}
 
 
 def _compute_rows(identity: RankIdentity, inputs: InputIndex, embedder: Embedder,

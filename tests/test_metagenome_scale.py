@@ -14,9 +14,15 @@ import h5py
 import numpy as np
 import pytest
 
-from fair_esm_reference import fair_esm_means, load_fair_esm
+from fair_esm_reference import load_fair_esm
 from jobs import REPO, clean_env, extract_command, process_tree, random_proteins, run_extract, write_fasta
+from test_long_sequences import fair_esm_windowed
 
+# Mean and per-residue rows, proteins of 20 to 120 residues cut into windows of 40: a computed record's
+# copies take windows and per-token rows too.
+OUTPUTS = ["--include", "mean", "per_tok", "--long-sequences", "window", "--truncation-seq-length", "40",
+           "--window-overlap", "10"]
+DATASETS = ("mean/layer_2", "per_tok/layer_2")
 MEMORY_RECORDS = 1_000_000
 # The reader before the index (a Python str per id and per sequence) grew by 380 MiB reading these alone.
 MEMORY_BOUND_MIB = 300
@@ -46,23 +52,27 @@ def inputs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(inputs, tiny_model_path):
-    """fair-esm's own means for every row, each distinct sequence computed once."""
+    """fair-esm's own forward on the windows of every row, each distinct sequence computed once."""
     _, rows = inputs
-    distinct = sorted({seq for _, seq in rows})
     model, alphabet = load_fair_esm(tiny_model_path)
-    means = fair_esm_means(model, alphabet, distinct, [2])[2]
-    position = {seq: i for i, seq in enumerate(distinct)}
-    return means[[position[seq] for _, seq in rows]]
+    windowed = {seq: fair_esm_windowed(model, alphabet, seq, 40, 10) for seq in {seq for _, seq in rows}}
+    return {"mean/layer_2": np.stack([windowed[seq]["mean/layer_2"] for _, seq in rows]),
+            "per_tok/layer_2": np.concatenate([windowed[seq]["per_tok/layer_2"] for _, seq in rows])}
 
 
 def _job(model, files, out, *extra):
-    return ["--model", model, "--fasta", *files, "--out", out, "--toks-per-batch", "150", *extra]
+    return ["--model", model, "--fasta", *files, "--out", out, "--toks-per-batch", "150", *OUTPUTS, *extra]
 
 
 def _read(out):
     with h5py.File(out, "r") as f:
-        return ({name: f[name][()] for name in ("ids", "lengths", "done", "mean/layer_2")},
+        return ({name: f[name][()] for name in ("ids", "lengths", "done", "per_tok/offsets", *DATASETS)},
                 dict(f.attrs))
+
+
+def _assert_close(data, reference, tolerance):
+    for name in DATASETS:
+        assert np.abs(data[name] - reference[name]).max() <= tolerance, name
 
 
 def _plan_lines(text):
@@ -88,11 +98,11 @@ def test_identical_sequences_are_computed_once_and_equal_a_no_dedupe_run(inputs,
     (dedupe, attrs), (every, every_attrs) = _read(out), _read(single)
     assert [i.decode() for i in dedupe["ids"]] == [rid for rid, _ in rows]
     assert dedupe["lengths"].tolist() == [len(seq) for _, seq in rows]
-    for name in ("ids", "lengths", "done"):
+    for name in ("ids", "lengths", "done", "per_tok/offsets"):
         np.testing.assert_array_equal(dedupe[name], every[name])
-    assert np.abs(dedupe["mean/layer_2"] - every["mean/layer_2"]).max() <= 1e-5
-    assert np.abs(dedupe["mean/layer_2"] - expected).max() <= 1e-4
-    assert np.abs(every["mean/layer_2"] - expected).max() <= 1e-4
+    _assert_close(dedupe, every, 1e-5)
+    _assert_close(dedupe, expected, 1e-4)
+    _assert_close(every, expected, 1e-4)
     distinct = len({seq for _, seq in rows})
     share = 100 * (len(rows) - distinct) / len(rows)
     assert f"{len(rows)} rows, {distinct} of them computed ({share:.1f}% were copies" in log
@@ -155,10 +165,10 @@ def test_killed_job_with_dedupe_resumes_from_its_saved_index(inputs, expected, u
     assert f"rows: {len(rows) - done_at_kill:,} to write" in rerun.stderr
     resumed, attrs = _read(out)
     reference, _ = _read(uninterrupted[0])
-    for name in ("ids", "lengths", "done"):
+    for name in ("ids", "lengths", "done", "per_tok/offsets"):
         np.testing.assert_array_equal(resumed[name], reference[name])
-    assert np.abs(resumed["mean/layer_2"] - reference["mean/layer_2"]).max() <= 1e-5
-    assert np.abs(resumed["mean/layer_2"] - expected).max() <= 1e-4
+    _assert_close(resumed, reference, 1e-5)
+    _assert_close(resumed, expected, 1e-4)
     assert attrs["status"] == "complete" and not (tmp_path / "out.h5.inputs").exists()
 
 
