@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import sys
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Mapping, TypeVar
@@ -13,10 +16,13 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 import torch
 import torch.distributed as dist
 
-from extract.errors import JobError, UserError
+from extract import group_store, stopping
+from extract.errors import JobError, StopRequested, UserError, peers_lost
 
 T = TypeVar("T")
 GROUP_TIMEOUT = timedelta(hours=1)  # model fetches and the last batches may keep peers waiting
+BARRIER_POLL_SECONDS = (0.01, 0.5)  # first and longest pause between looks at the store
+_barriers = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -85,27 +91,65 @@ def process_group(identity: RankIdentity, device: torch.device) -> Iterator[None
         else:
             dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
     try:
+        if in_group():
+            _name_this_job()
         yield
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
 
 
+def _name_this_job() -> None:
+    """Rank 0 draws a name for this job's keys in the group's store and every rank adopts it."""
+    name = [uuid.uuid4().hex]
+    with _peers_reachable():
+        dist.broadcast_object_list(name, src=0)
+    group_store.name_job(name[0])
+
+
 def in_group() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+@contextlib.contextmanager
+def _peers_reachable() -> Iterator[None]:
+    """A collective or store call: when a peer has died it fails; say so in one line, not a traceback."""
+    try:
+        yield
+    except RuntimeError:  # gloo/NCCL and the store raise RuntimeError subclasses (DistBackendError, ...)
+        raise peers_lost() from None
+
+
 def barrier() -> None:
-    if in_group():
-        dist.barrier()
+    """Wait until every rank is here. The wait goes through the group's key-value store rather than a
+    collective, so it returns to Python between looks: a stop request (this rank's signal or a peer's)
+    ends it at once instead of leaving the rank stuck for a peer that has gone."""
+    store = group_store.store()
+    if store is None:
+        return
+    key = group_store.key(f"barrier/{next(_barriers)}")
+    pause, longest = BARRIER_POLL_SECONDS
+    deadline = time.monotonic() + GROUP_TIMEOUT.total_seconds()
+    with _peers_reachable():
+        arrived = store.add(key, 1)
+        while arrived < dist.get_world_size():
+            stopping.raise_if_requested()
+            if time.monotonic() > deadline:
+                raise JobError(f"other ranks did not arrive within {GROUP_TIMEOUT}; "
+                               f"rerun the same command to resume")
+            time.sleep(pause)
+            pause = min(2 * pause, longest)
+            arrived = store.add(key, 0)
 
 
 def gather(value: Any) -> list[Any]:
-    """Every rank's `value`, in rank order (on every rank)."""
+    """Every rank's `value`, in rank order (on every rank), once every rank has arrived."""
     if not in_group():
         return [value]
+    barrier()
     values: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    with _peers_reachable():
+        dist.all_gather_object(values, value)
     return values
 
 
@@ -117,8 +161,12 @@ def leader_decides(identity: RankIdentity, action: Callable[[], T]) -> T:
             outcome[0] = (None, action())
         except (UserError, JobError) as err:
             outcome[0] = (type(err), str(err))
+        except StopRequested as err:
+            outcome[0] = (StopRequested, err.signal_name)
     if in_group():
-        dist.broadcast_object_list(outcome, src=0)
+        barrier()
+        with _peers_reachable():
+            dist.broadcast_object_list(outcome, src=0)
     error, value = outcome[0]
     if error is not None:
         raise error(value)
