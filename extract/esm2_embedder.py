@@ -10,6 +10,7 @@ from esm.data import BatchConverter
 
 from extract import pooling
 from extract.errors import UserError
+from extract.esm2_chunked_attention import chunked_forward
 from extract.long_sequences import LongSequencePolicy
 from extract.model_loading import LoadedModel
 from extract.output_file import RowDataset
@@ -91,10 +92,24 @@ class Esm2Embedder:
     @torch.inference_mode()
     def embed(self, sequences: list[str]) -> dict[str, np.ndarray]:
         layout = self.long_sequences.layout(np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences)))
-        _, _, tokens = self._converter([("", window) for window in layout.window_sequences(sequences)])
-        tokens = tokens.to(self.device, non_blocking=True)
+        tokens = self._tokens(layout.window_sequences(sequences))
         representations = self.model(tokens, repr_layers=self.layers)["representations"]
         return pooling.pool(representations, layout, self.outputs)
+
+    @torch.inference_mode()
+    def embed_low_memory(self, sequence: str) -> dict[str, np.ndarray]:
+        """The same result for one protein, its windows one at a time and each window's attention computed
+        in chunks: for when `embed` runs out of device memory even on that protein alone."""
+        layout = self.long_sequences.layout(np.array([len(sequence)]))
+        windows = [chunked_forward(self.model, self._tokens([window]), self.layers)
+                   for window in layout.window_sequences([sequence])]
+        # A protein's windows are all equally long, so they stack as one padding-free batch would.
+        representations = {layer: torch.cat([window[layer] for window in windows]) for layer in self.layers}
+        return pooling.pool(representations, layout, self.outputs)
+
+    def _tokens(self, windows: list[str]) -> torch.Tensor:
+        _, _, tokens = self._converter([("", window) for window in windows])
+        return tokens.to(self.device, non_blocking=True)
 
     def auto_token_budget(self) -> int:
         """Padded tokens per batch: fair-esm's 4096 on the CPU; on a GPU at least the seed plan's

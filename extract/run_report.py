@@ -7,7 +7,7 @@ import importlib.metadata
 import json
 import platform
 import resource
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -30,8 +30,10 @@ class RankStats:
     seconds: float  # time spent computing and writing this rank's batches
     peak_host_bytes: int
     peak_device_bytes: int | None  # None on the CPU
-    oom_split_batches: int = 0
-    failed_rows: int = 0
+    oom_split_batches: int = 0  # batches that ran out of device memory and were computed in halves
+    failed_rows: int = 0  # rows that did not fit even alone with the low-memory forward: left undone
+    low_memory_rows: int = 0  # rows that did not fit alone and were computed with the low-memory forward
+    failed_ids: list[str] = field(default_factory=list)
 
 
 def peak_host_bytes() -> int:
@@ -90,6 +92,8 @@ def build(stats: list[RankStats], wall_seconds: float, rows_in_file: int, settin
         "peak_device_bytes": max(device_peaks) if device_peaks else None,
         "oom_split_batches": sum(s.oom_split_batches for s in stats),
         "failed_rows": sum(s.failed_rows for s in stats),
+        "low_memory_rows": sum(s.low_memory_rows for s in stats),
+        "failed_ids": [row_id for s in stats for row_id in s.failed_ids],
     }
     return {"total": total, "ranks": [_rank_entry(s) for s in stats], "settings": dict(settings), **context}
 
