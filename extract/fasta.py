@@ -3,7 +3,7 @@
 The parser works on blocks of whole records with numpy and bytes operations, so that tens of millions of
 short records take seconds and never become one Python object each. Accepted: lowercase, CRLF (or CR)
 line ends, blank lines, wrapped or single-line sequences, whitespace inside sequence lines, a terminal
-'*', headers with any UTF-8 text. The id is the header's first word.
+'*', headers with any UTF-8 text, a UTF-8 byte-order mark. The id is the header's first word.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 BLOCK_BYTES = 8 << 20
 WHITESPACE = bytes(c for c in range(128) if chr(c).isspace())  # where str.split() splits, in ASCII
 MARK, STOP, NEWLINE, INVALID = b">", b"*", b"\n", b"\0"
+UTF8_BOM = b"\xef\xbb\xbf"  # what some editors put before UTF-8 text
 
 
 def _normalising_table() -> bytes:
@@ -123,6 +124,7 @@ def _file_blocks(path: Path, block_bytes: int) -> Iterator[RecordBlock]:
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if not started:
+            data = data.removeprefix(UTF8_BOM)
             body = data.lstrip(WHITESPACE)
             if not body:
                 continue

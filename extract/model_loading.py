@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import pickle
 import warnings
+import zipfile
 from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +88,12 @@ def fetch_hub_checkpoint(name: str) -> Path:
 
 def _load_checkpoint_file(path: Path, name: str) -> LoadedModel:
     try:
-        # fair-esm checkpoints pickle an argparse Namespace, which weights_only refuses.
-        data = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise UserError(f"model {path}: cannot read it as a fair-esm checkpoint ({err})") from None
+        # fair-esm checkpoints pickle an argparse Namespace, which weights_only refuses. Only the zip
+        # layout (torch >= 1.6) can be memory-mapped; older checkpoints are read whole.
+        data = torch.load(str(path), map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        reason = str(err).split("\n")[0].split(". ")[0].rstrip(".")
+        raise UserError(f"model {path}: not a readable PyTorch checkpoint ({reason})") from None
     if not (isinstance(data, dict) and "cfg" in data and "model" in data):
         raise UserError(f"model {path}: not a fair-esm ESM-2 checkpoint (no 'cfg' and 'model')")
     with warnings.catch_warnings():

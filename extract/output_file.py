@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import h5py
 import numpy as np
 
-from extract.errors import UserError
+from extract.errors import JobError, UserError
 
 FORMAT_VERSION = 1
 TOOL = "esm-features 0.1.0"
@@ -102,6 +102,9 @@ def create(path: Path, layout: FileLayout, attrs: Mapping) -> None:
     except OSError as err:
         partial.unlink(missing_ok=True)
         raise UserError(f"{path}: cannot create the output file ({err.strerror or err})") from None
+    except BaseException:  # e.g. a stop signal before the job owns its output
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def check_room(path: Path, planned_bytes: int) -> int:
@@ -180,7 +183,9 @@ class DoneFlags:
 
 
 class RowWriter:
-    """One rank's positioned writes into the datasets rank 0 allocated."""
+    """One rank's positioned writes into the datasets rank 0 allocated. Also a context manager that closes
+    it. A write that fails (a full disk, a file-size limit) raises JobError; no row is marked done before
+    its values are durable."""
 
     def __init__(self, path: Path, datasets: list[RowDataset]):
         with h5py.File(path, "r") as f:
@@ -189,9 +194,20 @@ class RowWriter:
             self._dtypes = {ds.name: f[ds.name].dtype for ds in datasets}
             self._token_offsets = f[TOKEN_OFFSETS][:] if any(ds.per_token for ds in datasets) else None
             self.done = f["done"][:]
+        self.path = path
         self._row_bytes = {ds.name: ds.width * self._dtypes[ds.name].itemsize for ds in datasets}
         self._per_token = {ds.name for ds in datasets if ds.per_token}
         self._fd = os.open(path, os.O_RDWR)
+
+    def __enter__(self) -> "RowWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            self.close()
+        except JobError:
+            if exc_type is None:
+                raise  # otherwise the error already on its way says what happened
 
     def pending_rows(self) -> np.ndarray:
         return np.flatnonzero(self.done == 0)
@@ -208,9 +224,9 @@ class RowWriter:
             for start, end, count in zip(starts, ends, counts):
                 position = self._offsets[name] + int(start) * self._row_bytes[name]
                 self._pwrite_all(array[end - count : end].data, position)
-        os.fdatasync(self._fd)
+        self._io(os.fdatasync)
         for row in rows:
-            os.pwrite(self._fd, b"\x01", self._done_offset + int(row))
+            self._pwrite_all(memoryview(b"\x01"), self._done_offset + int(row))
         self.done[rows] = 1
 
     def _dataset_rows(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -220,11 +236,24 @@ class RowWriter:
         return self._token_offsets[rows], self._token_offsets[rows + 1] - self._token_offsets[rows]
 
     def _pwrite_all(self, data: memoryview, offset: int) -> None:
+        """All of `data` at `offset`: a write cut short at a limit is continued, so that it fails for real."""
         data = data.cast("B")
         while data:
-            written = os.pwrite(self._fd, data, offset)
+            written = self._io(os.pwrite, data, offset)
             data, offset = data[written:], offset + written
 
+    def _io(self, call, *args):
+        """`call(fd, *args)`, with a failure (ENOSPC, EFBIG, EIO) told as what it means for the job."""
+        try:
+            return call(self._fd, *args)
+        except OSError as err:
+            raise JobError(f"{self.path}: cannot write rows ({err.strerror}); every row marked done so far is "
+                           f"kept; free space (or raise the file-size limit) and rerun the same command to "
+                           f"resume") from None
+
     def close(self) -> None:
-        os.fsync(self._fd)
-        os.close(self._fd)
+        """Make the last done flags durable and let go of the file."""
+        try:
+            self._io(os.fsync)
+        finally:
+            os.close(self._fd)
