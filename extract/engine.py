@@ -1,7 +1,9 @@
 """The engine: plan, run batches, write rows, resume, finish. It does not know which model it runs.
 
 The model is any object with the attributes of `Embedder` below; `embed` returns, per dataset, the
-batch's rows in batch order (for per-token datasets, every record's rows concatenated).
+batch's rows in batch order (for per-token datasets, every record's rows concatenated), and
+`embed_low_memory` the same for one row with less peak memory (the last retry after running out of memory).
+Stop requests (signals) are acted on between batches, after the rows written so far are durable.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Mapping, Protocol
 import numpy as np
 import torch
 
-from extract import output_file, progress, run_report
+from extract import output_file, progress, run_report, stopping
+from extract.batch_runner import BatchRunner, Model, Rows
 from extract.errors import JobError, UserError
 from extract.input_index import InputIndex
 from extract.output_file import FileLayout, RowDataset, RowWriter
@@ -26,8 +29,10 @@ from extract.planning import Work, concatenated_ranges, plan_work
 from extract.run_report import RankStats
 from extract.runtime import RankIdentity, barrier, gather, leader_decides
 
+FAILED_IDS_SHOWN = 10
 
-class Embedder(Protocol):
+
+class Embedder(Model, Protocol):  # Model: embed(sequences) and embed_low_memory(sequence)
     device: torch.device
 
     def datasets(self) -> list[RowDataset]: ...
@@ -35,7 +40,6 @@ class Embedder(Protocol):
     def inputs_per_row(self, lengths: np.ndarray) -> np.ndarray: ...  # model inputs per row (e.g. windows)
     def residues_embedded(self, lengths: np.ndarray) -> np.ndarray: ...  # residues its outputs cover
     def settings(self) -> dict: ...
-    def embed(self, sequences: list[str]) -> dict[str, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,9 @@ def resumable_status(inputs: InputIndex, embedder: Embedder, job: JobSettings) -
     """The status of the existing output this job would resume; None where it would create a new one."""
     if not job.out.exists() or job.overwrite:
         return None
+    if not os.access(job.out, os.R_OK | os.W_OK):
+        raise UserError(f"{job.out}: exists but this job may not read and write it; change its permissions "
+                        f"or choose another --out")
     try:
         attrs = output_file.read_attrs(job.out)
     except UserError as err:
@@ -118,34 +125,54 @@ def _values_for(take: np.ndarray, values: Mapping[str, np.ndarray], token_counts
 
 def _compute_rows(identity: RankIdentity, inputs: InputIndex, embedder: Embedder,
                   job: JobSettings, log: logging.Logger) -> RankStats:
+    """This rank's share of the rows not yet done; stops (StopRequested) between batches when asked to."""
     started = time.monotonic()
-    writer = RowWriter(job.out, embedder.datasets())
-    barrier()  # every rank plans from the same /done flags: none writes before all have read them
-    try:
+    with RowWriter(job.out, embedder.datasets()) as writer, inputs.sequences() as store:
+        barrier()  # every rank plans from the same /done flags: none writes before all have read them
         work = plan_job(inputs, embedder, job, writer.pending_rows())
         mine = work.plan.for_rank(identity.rank, identity.world_size)
         if identity.is_leader:
             for line in work.describe(inputs.lengths, identity.world_size):
                 log.info("%s", line)
         log.info("%d of the batches are this rank's", len(mine))
-        rows = residues = computed = computed_residues = 0
-        with inputs.sequences() as store:
-            for batch in mine:
-                values = embedder.embed(store.fetch(batch))
-                targets, take = work.copies(batch)
-                token_counts = embedder.residues_embedded(inputs.lengths[batch])
-                writer.write(targets, _values_for(take, values, token_counts, embedder.datasets()))
-                rows += targets.size
-                residues += int(inputs.lengths[targets].sum())
-                computed += batch.size
-                computed_residues += int(inputs.lengths[batch].sum())
-    finally:
-        writer.close()
-    log.info("wrote %d rows (%d residues), %d of them computed, in %d batches", rows, residues, computed, len(mine))
-    tokens = int(work.plan.batch_tokens[identity.rank::identity.world_size].sum())
-    return RankStats(identity.rank, str(embedder.device), rows, residues, computed, computed_residues, tokens,
-                     time.monotonic() - started, run_report.peak_host_bytes(),
-                     run_report.peak_device_bytes(embedder.device))
+        copies = _Copies(work, writer, inputs, embedder)
+        lengths = np.asarray(inputs.lengths)
+        rows = Rows(store.fetch, inputs.ids, lengths, embedder.tokens_per_row(lengths),
+                    embedder.inputs_per_row(lengths))
+        runner = BatchRunner(embedder, rows, copies.write, job.toks_per_batch, log)
+        for batch in mine:
+            stopping.raise_if_requested()
+            runner.run(batch)
+    ran = runner.stats
+    log.info("wrote %d rows (%d residues), %d of them computed, in %d batches", copies.rows, copies.residues,
+             ran.rows, len(mine))
+    return RankStats(identity.rank, str(embedder.device), copies.rows, copies.residues, ran.rows, ran.residues,
+                     ran.tokens, time.monotonic() - started, run_report.peak_host_bytes(),
+                     run_report.peak_device_bytes(embedder.device), ran.split_batches, len(ran.failed_rows),
+                     ran.low_memory_rows, [inputs.ids[row] for row in sorted(ran.failed_rows)])
+
+
+class _Copies:
+    """Writes computed rows' values to every pending row that takes them (identical sequences)."""
+
+    def __init__(self, work: Work, writer: RowWriter, inputs: InputIndex, embedder: Embedder):
+        self.work, self.writer, self.inputs, self.embedder = work, writer, inputs, embedder
+        self.rows = self.residues = 0
+
+    def write(self, computed: np.ndarray, values: Mapping[str, np.ndarray]) -> None:
+        targets, take = self.work.copies(computed)
+        token_counts = self.embedder.residues_embedded(self.inputs.lengths[computed])
+        self.writer.write(targets, _values_for(take, values, token_counts, self.embedder.datasets()))
+        self.rows += targets.size
+        self.residues += int(self.inputs.lengths[targets].sum())
+
+
+def _failed_rows_error(job: JobSettings, failed_ids: list[str]) -> JobError:
+    shown = ", ".join(failed_ids[:FAILED_IDS_SHOWN])
+    more = f" and {len(failed_ids) - FAILED_IDS_SHOWN} more (see the log)" if len(failed_ids) > FAILED_IDS_SHOWN else ""
+    return JobError(f"{job.out}: {len(failed_ids)} row(s) did not fit in device memory even alone with the "
+                    f"low-memory forward: {shown}{more}; every other row is saved and the file stays incomplete; "
+                    f"rerun the same command with more free device memory to compute them")
 
 
 def _finish(job: JobSettings, report: dict, log: logging.Logger) -> None:
@@ -155,6 +182,11 @@ def _finish(job: JobSettings, report: dict, log: logging.Logger) -> None:
     if job.report is not None:
         status = output_file.INCOMPLETE if missing.size else output_file.COMPLETE
         run_report.write(job.report, {"status": status, "out": str(job.out), **report})
+    failed_ids = report["total"]["failed_ids"]
+    for row_id in failed_ids:
+        log.error("not computed: %s, out of memory even alone with the low-memory forward", row_id)
+    if failed_ids:
+        raise _failed_rows_error(job, failed_ids)
     if missing.size:
         raise JobError(f"{job.out}: {missing.size} rows are still not done; rerun the same command to resume")
     total = report["total"]
@@ -167,18 +199,18 @@ def _finish(job: JobSettings, report: dict, log: logging.Logger) -> None:
 
 def run_job(identity: RankIdentity, inputs: InputIndex, embedder: Embedder, job: JobSettings,
             log: logging.Logger, started: float) -> None:
-    """Fill the output with every row's embeddings; raises UserError/JobError on every rank alike."""
-    status = leader_decides(identity, lambda: prepare_output(inputs, embedder, job, log))
-    if status == output_file.COMPLETE:
-        if identity.is_leader:
-            log.info("%s is already complete; nothing to do", job.out)
-        return
-    watch_every = job.progress_seconds if identity.is_leader else None
-    with progress.watch(job.out, inputs.lengths, watch_every, log):
-        stats = _compute_rows(identity, inputs, embedder, job, log)
-        all_stats = gather(stats)
-        barrier()
-    settings = {**file_settings(embedder, job), "toks_per_batch": job.toks_per_batch,
-                "world_size": identity.world_size, "dedupe": job.dedupe}
-    report = run_report.build(all_stats, time.monotonic() - started, len(inputs), settings, job.context)
-    leader_decides(identity, lambda: _finish(job, report, log))
+    """Fill the output with every row's embeddings; raises UserError/JobError on every rank alike, or
+    StopRequested on every rank when a signal asked the job to stop."""
+    with stopping.deferred():
+        status = leader_decides(identity, lambda: prepare_output(inputs, embedder, job, log))
+        if status == output_file.COMPLETE:
+            if identity.is_leader:
+                log.info("%s is already complete; nothing to do", job.out)
+            return
+        watch_every = job.progress_seconds if identity.is_leader else None
+        with progress.watch(job.out, inputs.lengths, watch_every, log):
+            all_stats = gather(_compute_rows(identity, inputs, embedder, job, log))
+        settings = {**file_settings(embedder, job), "toks_per_batch": job.toks_per_batch,
+                    "world_size": identity.world_size, "dedupe": job.dedupe}
+        report = run_report.build(all_stats, time.monotonic() - started, len(inputs), settings, job.context)
+        leader_decides(identity, lambda: _finish(job, report, log))

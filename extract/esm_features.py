@@ -18,9 +18,9 @@ if __package__ in (None, ""):  # started as a script: make the `extract` package
 
 import torch  # noqa: E402
 
-from extract import dry_run, input_index, run_report, runtime  # noqa: E402
+from extract import dry_run, input_index, output_lock, run_report, runtime, stopping  # noqa: E402
 from extract.engine import JobSettings, run_job  # noqa: E402
-from extract.errors import JobError, UserError  # noqa: E402
+from extract.errors import JobError, StopRequested, UserError  # noqa: E402
 from extract.esm2_embedder import DTYPES, Esm2Embedder, choose_dtype  # noqa: E402
 from extract.long_sequences import MODES, LongSequencePolicy  # noqa: E402
 from extract.model_loading import LoadedModel, load_model  # noqa: E402
@@ -107,7 +107,8 @@ def _job_settings(args: argparse.Namespace, argv: list[str], embedder: Esm2Embed
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> None:
-    """The whole job for this rank; raises UserError or JobError when it cannot finish."""
+    """The whole job for this rank; raises UserError or JobError when it cannot finish, StopRequested
+    when a signal stopped it."""
     started = time.monotonic()
     identity = runtime.RankIdentity.from_env()
     log = runtime.rank_logger(identity)
@@ -118,18 +119,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         if identity.is_leader:
             _dry_run(args, argv, long_sequences, device, args.dry_run or identity.world_size)
         return
-    with runtime.process_group(identity, device):
+    with stopping.stop_on_signals(), runtime.process_group(identity, device), \
+            output_lock.held_by_leader(identity, args.out, log):
         index_directory = input_index.directory_for(args.out)
         reused = runtime.leader_decides(identity, lambda: input_index.prepare(args.fasta, index_directory))
         inputs = input_index.load(index_directory)
-        loaded = load_model(args.model, lambda: runtime.local_leader_first(identity))
-        embedder = _embedder(args, loaded, long_sequences, device, device)
-        if identity.is_leader:
-            log.info("%d proteins from %d file(s), input index %s; model %s%s on %s in %s", len(inputs),
-                     len(args.fasta), "reused (inputs unchanged)" if reused else "built", loaded.name,
-                     " (random weights)" if loaded.random_weights else "", device,
-                     embedder.settings()["compute_dtype"])
         try:
+            loaded = load_model(args.model, lambda: runtime.local_leader_first(identity))
+            embedder = _embedder(args, loaded, long_sequences, device, device)
+            if identity.is_leader:
+                log.info("%d proteins from %d file(s), input index %s; model %s%s on %s in %s", len(inputs),
+                         len(args.fasta), "reused (inputs unchanged)" if reused else "built", loaded.name,
+                         " (random weights)" if loaded.random_weights else "", device,
+                         embedder.settings()["compute_dtype"])
             run_job(identity, inputs, embedder, _job_settings(args, argv, embedder), log, started)
         except UserError:  # refused to start: keep no index made for nothing, but one a resume may need
             if identity.is_leader and not reused:
@@ -153,7 +155,8 @@ def _dry_run(args: argparse.Namespace, argv: list[str], long_sequences: LongSequ
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the job; returns the exit code: 0 complete, 2 bad usage or input, 1 otherwise.
+    """Run the job; returns the exit code: 0 complete, 2 bad usage or input, 128 + the signal's number
+    when a signal stopped it (rerunning resumes), 1 otherwise.
 
     Inside a job that already runs a process group, this uses that group and leaves it initialised;
     it may be called any number of times."""
@@ -164,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_request.code or 0)
     try:
         run(args, argv)
-    except (UserError, JobError) as err:
-        print(f"esm_features: error: {err}", file=sys.stderr)
+    except (UserError, JobError, StopRequested) as err:
+        # One write: the lines of ranks sharing a stderr (torchrun's) must not interleave.
+        sys.stderr.write(f"esm_features: {err.prefix}{err}\n")
+        sys.stderr.flush()
         return err.exit_code
     return 0
 

@@ -16,7 +16,11 @@
 #
 # Signals: SIGTERM and SIGINT stop the ranks at their next safe point (torchrun forwards them), and so
 # does SIGUSR1 (Slurm's --signal), which torchrun alone would not forward: see launch/torchrun_agent.py.
+# Restarts: the ranks of a restart get a key-value store of their own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
+# unless set): in the rendezvous store torchrun shares by default they find the addresses of the ranks
+# before them and never connect (pytorch/pytorch#135712).
 set -euo pipefail
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-python3}"
