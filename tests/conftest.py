@@ -1,3 +1,6 @@
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -8,6 +11,7 @@ from Bio.SeqIO.FastaIO import SimpleFastaParser
 from cluster_jobs import SMALL_JOB_FLAGS, run_on_terminal
 from extract.model_loading import build_random_esm2, fair_esm_checkpoint
 from jobs import clean_env, extract_command, write_fasta
+from long_job import LongJob
 
 PHAGE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "phage"
 
@@ -58,3 +62,24 @@ def single_process_run(tmp_path_factory, tiny_model_path, capsid_fasta) -> Simpl
                          *SMALL_JOB_FLAGS]), clean_env())
     assert code == 0, terminal
     return SimpleNamespace(out=out, report=report, terminal=terminal)
+
+
+@pytest.fixture(scope="session")
+def long_job(tmp_path_factory, tiny_model_path) -> LongJob:
+    """Hundreds of one-row batches to interrupt, with the uninterrupted result to compare against."""
+    return LongJob.prepare(tmp_path_factory.mktemp("long_job"), tiny_model_path)
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """A real 1 MiB file system (tmpfs); needs root, as in this project's sandbox and CI containers."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)

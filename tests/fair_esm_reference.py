@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from esm.data import BatchConverter
 
+from extract.long_sequences import LongSequencePolicy
+
 
 def fair_esm_tokens(
     model, alphabet, sequences: list[str], layers: list[int], truncation_seq_length: int = 1022
@@ -36,6 +38,28 @@ def fair_esm_representations(model, alphabet, sequences, layers, truncation_seq_
 def fair_esm_means(model, alphabet, sequences, layers, truncation_seq_length=1022):
     reps = fair_esm_representations(model, alphabet, sequences, layers, truncation_seq_length)
     return {layer: np.stack([r[layer].mean(0) for r in reps]) for layer in layers}
+
+
+def most_central_window(starts: np.ndarray, stops: np.ndarray, length: int) -> np.ndarray:
+    """Per residue, by brute force: the window holding it farthest from the window's ends (first on ties)."""
+    residue = np.arange(length)[None, :]
+    distance_to_end = np.minimum(residue - starts[:, None], stops[:, None] - 1 - residue)
+    return np.argmax(np.where(distance_to_end >= 0, distance_to_end, -1), axis=0)
+
+
+def fair_esm_windowed(model, alphabet, sequence: str, window: int, overlap: int, layers: list[int]) -> dict:
+    """Each residue taken from fair-esm's own forward on its most central window; BOS from the first."""
+    starts = LongSequencePolicy("window", window, overlap).window_starts(len(sequence))
+    stops = np.minimum(starts + window, len(sequence))
+    reps = fair_esm_tokens(model, alphabet, [sequence[a:b] for a, b in zip(starts, stops)], layers, window)
+    chosen = most_central_window(starts, stops, len(sequence))
+    position = 1 + np.arange(len(sequence)) - starts[chosen]
+    expected = {}
+    for layer in layers:
+        per_tok = np.stack([reps[w][layer][p] for w, p in zip(chosen, position)])
+        expected.update({f"per_tok/layer_{layer}": per_tok, f"mean/layer_{layer}": per_tok.mean(0),
+                         f"bos/layer_{layer}": reps[0][layer][0]})
+    return expected
 
 
 def load_fair_esm(path):

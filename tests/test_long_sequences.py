@@ -7,33 +7,11 @@ import numpy as np
 import pytest
 
 from extract.long_sequences import LongSequencePolicy
-from fair_esm_reference import fair_esm_tokens, load_fair_esm
+from fair_esm_reference import fair_esm_windowed, load_fair_esm, most_central_window
 from jobs import AMINO_ACIDS, phage_sample, run_extract, write_fasta
 
 ALL_OUTPUTS = ["--include", "mean", "bos", "per_tok", "--repr-layers", "0", "-1"]
 LAYERS = [0, 2]
-
-
-def most_central_window(starts: np.ndarray, stops: np.ndarray, length: int) -> np.ndarray:
-    """Per residue, by brute force: the window holding it farthest from the window's ends (first on ties)."""
-    residue = np.arange(length)[None, :]
-    distance_to_end = np.minimum(residue - starts[:, None], stops[:, None] - 1 - residue)
-    return np.argmax(np.where(distance_to_end >= 0, distance_to_end, -1), axis=0)
-
-
-def fair_esm_windowed(model, alphabet, sequence: str, window: int, overlap: int) -> dict:
-    """Each residue taken from fair-esm's own forward on its most central window; BOS from the first."""
-    starts = LongSequencePolicy("window", window, overlap).window_starts(len(sequence))
-    stops = np.minimum(starts + window, len(sequence))
-    reps = fair_esm_tokens(model, alphabet, [sequence[a:b] for a, b in zip(starts, stops)], LAYERS, window)
-    chosen = most_central_window(starts, stops, len(sequence))
-    position = 1 + np.arange(len(sequence)) - starts[chosen]
-    expected = {}
-    for layer in LAYERS:
-        per_tok = np.stack([reps[w][layer][p] for w, p in zip(chosen, position)])
-        expected.update({f"per_tok/layer_{layer}": per_tok, f"mean/layer_{layer}": per_tok.mean(0),
-                         f"bos/layer_{layer}": reps[0][layer][0]})
-    return expected
 
 
 def _read(path):
@@ -119,7 +97,7 @@ def test_windowed_rows_equal_fair_esm_on_the_windows_they_come_from(synthetic_ru
     assert data["per_tok/offsets"].tolist() == [0, *np.cumsum(lengths).tolist()]
     assert data["lengths"].tolist() == lengths and data["truncated"].tolist() == [0] * len(records)
     for row, (_, seq) in enumerate(records):
-        for name, expected in fair_esm_windowed(model, alphabet, seq, 30, 10).items():
+        for name, expected in fair_esm_windowed(model, alphabet, seq, 30, 10, LAYERS).items():
             assert np.abs(_row(data, name, row) - expected).max() <= 1e-4, (row, name)
     assert (attrs["long_sequences"], attrs["window_length"], attrs["window_overlap"]) == ("window", 30, 10)
     assert attrs["status"] == "complete"
@@ -149,7 +127,7 @@ def test_real_long_proteins_through_the_default_window(tmp_path, tiny_model_path
     assert (attrs["window_length"], attrs["window_overlap"]) == (1022, 255)
     model, alphabet = load_fair_esm(tiny_model_path)
     for row, (_, seq) in enumerate(records):
-        for name, expected in fair_esm_windowed(model, alphabet, seq, 1022, 255).items():
+        for name, expected in fair_esm_windowed(model, alphabet, seq, 1022, 255, LAYERS).items():
             assert np.abs(_row(data, name, row) - expected).max() <= 1e-4, (row, name)
 
 

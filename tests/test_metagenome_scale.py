@@ -14,9 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
-from fair_esm_reference import load_fair_esm
+from fair_esm_reference import fair_esm_windowed, load_fair_esm
 from jobs import REPO, clean_env, extract_command, process_tree, random_proteins, run_extract, write_fasta
-from test_long_sequences import fair_esm_windowed
 
 # Mean and per-residue rows, proteins of 20 to 120 residues cut into windows of 40: a computed record's
 # copies take windows and per-token rows too.
@@ -55,7 +54,7 @@ def expected(inputs, tiny_model_path):
     """fair-esm's own forward on the windows of every row, each distinct sequence computed once."""
     _, rows = inputs
     model, alphabet = load_fair_esm(tiny_model_path)
-    windowed = {seq: fair_esm_windowed(model, alphabet, seq, 40, 10) for seq in {seq for _, seq in rows}}
+    windowed = {seq: fair_esm_windowed(model, alphabet, seq, 40, 10, [2]) for seq in {seq for _, seq in rows}}
     return {"mean/layer_2": np.stack([windowed[seq]["mean/layer_2"] for _, seq in rows]),
             "per_tok/layer_2": np.concatenate([windowed[seq]["per_tok/layer_2"] for _, seq in rows])}
 

@@ -3,7 +3,6 @@
 import os
 import re
 import shutil
-import subprocess
 
 import h5py
 import numpy as np
@@ -116,21 +115,6 @@ def test_planned_size_is_printed_and_covers_the_file(phage_runs, dtype):
     planned = layout.planned_bytes()
     assert f"output {out}: {output_file.format_bytes(planned)} planned" in stderr
     assert os.path.getsize(out) <= planned <= os.path.getsize(out) + 64 * 1024 + 16 * len(ids)
-
-
-@pytest.fixture
-def small_file_system(tmp_path):
-    """A real 1 MiB file system (tmpfs); needs root, as in this project's sandbox and CI containers."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def test_job_refuses_to_start_without_room_for_its_output(small_file_system, tmp_path, tiny_model_path):

@@ -1,0 +1,59 @@
+"""A job long enough to interrupt (hundreds of one-row batches), and its uninterrupted result to compare with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from fair_esm_reference import fair_esm_means, load_fair_esm
+from jobs import random_proteins, run_extract, write_fasta
+
+ROWS = 400
+LAYER = "mean/layer_2"  # the tiny model's last layer
+
+
+@dataclass(frozen=True)
+class LongJob:
+    model: Path
+    fasta: Path
+    reference: Path  # the output of an uninterrupted single-process run, checked against fair-esm
+
+    @classmethod
+    def prepare(cls, folder: Path, model: Path) -> "LongJob":
+        records = random_proteins(ROWS, seed=11, min_len=20, max_len=60)
+        job = cls(model, write_fasta(folder / "long.fasta", records), folder / "reference.h5")
+        done = run_extract(job.args(job.reference))
+        assert done.returncode == 0, done.stderr
+        fair_model, alphabet = load_fair_esm(model)
+        expected = fair_esm_means(fair_model, alphabet, [seq for _, seq in records], [2])[2]
+        assert np.abs(read_output(job.reference)[LAYER] - expected).max() <= 1e-4
+        return job
+
+    def args(self, out: Path, *extra) -> list:
+        return ["--model", self.model, "--fasta", self.fasta, "--out", out, "--toks-per-batch", "64", *extra]
+
+    def assert_done_rows_correct(self, out: Path) -> np.ndarray:
+        """Every row marked done holds the uninterrupted run's values; returns the done flags."""
+        data, reference = read_output(out), read_output(self.reference)
+        done = data["done"].astype(bool)
+        np.testing.assert_allclose(data[LAYER][done], reference[LAYER][done], rtol=0, atol=1e-5)
+        return data["done"]
+
+    def assert_complete_and_equal(self, out: Path) -> None:
+        data, reference = read_output(out), read_output(self.reference)
+        assert data["status"] == "complete"
+        assert data["done"].all()
+        np.testing.assert_array_equal(data["ids"], reference["ids"])
+        np.testing.assert_array_equal(data["lengths"], reference["lengths"])
+        np.testing.assert_allclose(data[LAYER], reference[LAYER], rtol=0, atol=1e-5)
+        assert data["fingerprint"] == reference["fingerprint"]
+
+
+def read_output(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {"ids": f["ids"][()], "lengths": f["lengths"][()], "done": f["done"][()], LAYER: f[LAYER][()],
+                "status": f.attrs["status"], "fingerprint": f.attrs["fingerprint"],
+                "last_run": f.attrs.get("last_run")}

@@ -1,0 +1,95 @@
+"""What a rerun does with an existing output: resume it, leave a complete one alone, refuse a different one.
+
+(Resuming after real interruptions, with other world sizes: test_interruptions.py.)
+"""
+
+import hashlib
+
+import h5py
+import numpy as np
+import pytest
+
+from extract.esm_features import main
+from fair_esm_reference import fair_esm_means, load_fair_esm
+from jobs import random_proteins, write_fasta
+
+REFUSAL = "exists and was made from other inputs or settings; pass --overwrite to replace it, or choose another --out"
+
+
+@pytest.fixture
+def job(tmp_path, tiny_model_path):
+    """A complete output of six proteins, and a way to rerun with changes."""
+    records = random_proteins(6, seed=21, max_len=80)
+    fasta = write_fasta(tmp_path / "in.fasta", records)
+    out = tmp_path / "out.h5"
+
+    def run(*extra, fasta_path=fasta):
+        return main(["--model", str(tiny_model_path), "--fasta", str(fasta_path), "--out", str(out), *extra])
+
+    assert run() == 0
+    return records, out, run
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_rerun_of_a_complete_output_changes_nothing(job, capsys):
+    _, out, run = job
+    before = _digest(out)
+    capsys.readouterr()
+    assert run() == 0
+    assert f"{out} is already complete; nothing to do" in capsys.readouterr().err
+    assert _digest(out) == before
+
+
+@pytest.mark.parametrize("change", ["other input", "--repr-layers 1", "--truncation-seq-length 50", "--dtype bf16"])
+def test_output_from_other_inputs_or_settings_is_refused(tmp_path, job, capsys, change):
+    records, out, run = job
+    before = _digest(out)
+    if change == "other input":
+        changed = [(rid, seq if i != 3 else seq[:-1]) for i, (rid, seq) in enumerate(records)]
+        code = run(fasta_path=write_fasta(tmp_path / "changed.fasta", changed))
+    else:
+        code = run(*change.split())
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"esm_features: error: {out}: {REFUSAL}"
+    assert "Traceback" not in err
+    assert _digest(out) == before
+    assert sorted(p.name for p in tmp_path.glob("out.h5*")) == ["out.h5"]
+
+
+def test_overwrite_replaces_an_output_made_differently(tmp_path, tiny_model_path, job):
+    _, out, run = job
+    with h5py.File(out, "r") as f:
+        old_fingerprint = f.attrs["fingerprint"]
+    other = random_proteins(4, seed=22, max_len=60)
+    assert run("--overwrite", fasta_path=write_fasta(tmp_path / "other.fasta", other)) == 0
+
+    model, alphabet = load_fair_esm(tiny_model_path)
+    expected = fair_esm_means(model, alphabet, [seq for _, seq in other], [2])[2]
+    with h5py.File(out, "r") as f:
+        assert f.attrs["status"] == "complete" and f.attrs["fingerprint"] != old_fingerprint
+        assert f["ids"].asstr()[()].tolist() == [rid for rid, _ in other]
+        assert np.abs(f["mean/layer_2"][()] - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("existing, problem", [
+    ("text", "exists but is not a readable HDF5 file ("),
+    ("foreign hdf5", "exists and is not an esm-features output; pass --overwrite to replace it"),
+])
+def test_a_file_that_is_not_our_output_is_refused(tmp_path, tiny_model_path, capsys, existing, problem):
+    out = tmp_path / "out.h5"
+    if existing == "text":
+        out.write_text("my notes\n")
+    else:
+        with h5py.File(out, "w") as f:
+            f["data"] = np.arange(3)
+    before = _digest(out)
+    fasta = write_fasta(tmp_path / "in.fasta", random_proteins(2, max_len=30))
+    code = main(["--model", str(tiny_model_path), "--fasta", str(fasta), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith(f"esm_features: error: {out}: {problem}")
+    assert _digest(out) == before
