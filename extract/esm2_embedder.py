@@ -11,6 +11,7 @@ from esm.data import BatchConverter
 from extract import pooling
 from extract.errors import UserError
 from extract.esm2_chunked_attention import chunked_forward
+from extract.esm2_forward import embed_batch
 from extract.long_sequences import LongSequencePolicy
 from extract.model_loading import LoadedModel
 from extract.output_file import RowDataset
@@ -51,8 +52,10 @@ class Esm2Embedder:
     residues); proteins longer than the truncation length are truncated or windowed as `long_sequences` says."""
 
     def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
-                 repr_layers: Sequence[int], long_sequences: LongSequencePolicy, outputs: Sequence[str] = ("mean",)):
+                 repr_layers: Sequence[int], long_sequences: LongSequencePolicy, outputs: Sequence[str] = ("mean",),
+                 attention: str = "fast"):
         self.loaded = loaded
+        self.attention = attention
         self.device = device
         self.dtype = dtype
         self.layers = resolve_layers(repr_layers, loaded.num_layers)
@@ -93,8 +96,19 @@ class Esm2Embedder:
     def embed(self, sequences: list[str]) -> dict[str, np.ndarray]:
         layout = self.long_sequences.layout(np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences)))
         tokens = self._tokens(layout.window_sequences(sequences))
-        representations = self.model(tokens, repr_layers=self.layers)["representations"]
-        return pooling.pool(representations, layout, self.outputs)
+        return pooling.pool(self._representations(tokens), layout, self.outputs)
+
+    def _representations(self, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Padded (windows, tokens, width) per layer, from our fast forward or fair-esm's own."""
+        if self.attention == "reference":
+            return self.model(tokens, repr_layers=self.layers)["representations"]
+        rows, _ = embed_batch(self.model, tokens, self.layers)
+        real = tokens.ne(self.model.padding_idx)
+        padded = {}
+        for layer, values in rows.items():
+            padded[layer] = values.new_zeros(*tokens.shape, values.shape[-1])
+            padded[layer][real] = values
+        return padded
 
     @torch.inference_mode()
     def embed_low_memory(self, sequence: str) -> dict[str, np.ndarray]:

@@ -46,6 +46,8 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="compute precision; auto is bf16 on GPUs of compute capability >= 8.0, else fp32")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--attention", choices=["fast", "reference"], default="fast",
+                        help="fast: our exact SDPA forward (default); reference: fair-esm's own forward, for checking")
     parser.add_argument("--truncation-seq-length", type=int, default=1022,
                         help="residues per model input, as in fair-esm's extract (default: 1022)")
     parser.add_argument("--long-sequences", choices=MODES, default="truncate",
@@ -96,7 +98,7 @@ def _embedder(args: argparse.Namespace, loaded: LoadedModel, long_sequences: Lon
               placed_on: torch.device, device: torch.device) -> Esm2Embedder:
     """ESM-2 as this job runs it on `device`; `placed_on` is where its weights are (meta: none)."""
     return Esm2Embedder(loaded, placed_on, choose_dtype(args.dtype, device), args.repr_layers, long_sequences,
-                        args.include)
+                        args.include, args.attention)
 
 
 def _job_settings(args: argparse.Namespace, argv: list[str], embedder: Esm2Embedder) -> JobSettings:
