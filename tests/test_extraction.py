@@ -115,3 +115,16 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, tiny_model_path, flag, m
     assert done.stderr.strip().splitlines()[-1].startswith(f"esm_features: error: {message}")
     assert "Traceback" not in done.stderr
     assert not out.exists()
+
+
+def test_reference_attention_gives_fair_esm_numbers_too(tmp_path, tiny_model_path):
+    records = random_proteins(10, seed=6)
+    fasta = write_fasta(tmp_path / "in.fasta", records)
+    model, alphabet = load_fair_esm(tiny_model_path)
+    expected = fair_esm_means(model, alphabet, [seq for _, seq in records], [2])[2]
+    for attention in ("fast", "reference"):
+        out = tmp_path / f"{attention}.h5"
+        done = run_extract(_job(tiny_model_path, [fasta], out, "--attention", attention))
+        assert done.returncode == 0, done.stderr
+        data, _ = _read(out)
+        assert np.abs(data["mean/layer_2"] - expected).max() <= 1e-4, attention
