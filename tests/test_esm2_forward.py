@@ -1,0 +1,112 @@
+"""The fast ESM-2 forward against fair-esm's own forward, on the same weights."""
+
+import random
+
+import pytest
+import torch
+from esm.data import BatchConverter
+
+from extract.esm2_forward import embed_batch, esm2_representations
+from extract.model_loading import build_random_esm2, load_model
+from fair_esm_reference import fair_esm_means
+from jobs import AMINO_ACIDS, phage_sample
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path):
+    loaded = load_model(str(tiny_model_path))
+    return loaded.model.eval(), loaded.alphabet
+
+
+def _mixed_batch(alphabet):
+    """Mixed lengths, two past the 1022-residue window, one with <mask> tokens (token-dropout scaling)."""
+    rng = random.Random(4)
+    seqs = ["".join(rng.choices(AMINO_ACIDS, k=n)) for n in (1500, 1100, 400, 37, 5, 1)]
+    seqs.append("MKT<mask>AYIAK<mask>QRQISFVK" + "".join(rng.choices(AMINO_ACIDS, k=60)))
+    _, _, tokens = BatchConverter(alphabet, 1022)([(str(i), s) for i, s in enumerate(seqs)])
+    return tokens
+
+
+def _fair_esm(model, tokens, layers):
+    with torch.inference_mode():
+        return model(tokens, repr_layers=layers)["representations"]
+
+
+def test_padded_forward_matches_fair_esm(tiny):
+    model, alphabet = tiny
+    tokens = _mixed_batch(alphabet)
+    real = tokens.ne(alphabet.padding_idx)
+    expected = _fair_esm(model, tokens, [0, 1, 2])
+    with torch.inference_mode():
+        ours = esm2_representations(model, tokens, [0, 1, 2])
+    assert tokens.shape[1] == 1024 and not real.all()
+    assert sorted(ours) == [0, 1, 2]
+    for layer in (0, 1, 2):
+        assert ours[layer].shape == expected[layer].shape
+        assert (ours[layer][real] - expected[layer][real]).abs().max() <= 1e-4
+
+
+def test_batch_without_padding_matches_fair_esm(tiny):
+    model, alphabet = tiny
+    tokens = _mixed_batch(alphabet)[:2]
+    expected = _fair_esm(model, tokens, [2])
+    with torch.inference_mode():
+        assert (esm2_representations(model, tokens, [2])[2] - expected[2]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_embed_batch_rows_match_fair_esm_per_sequence(tiny, packed):
+    model, alphabet = tiny
+    tokens = _mixed_batch(alphabet)
+    real = tokens.ne(alphabet.padding_idx)
+    expected = _fair_esm(model, tokens, [0, 1, 2])
+    with torch.inference_mode():
+        rows, offsets = embed_batch(model, tokens, [0, 1, 2], packed=packed)
+    assert offsets.tolist() == [0, *real.sum(1).cumsum(0).tolist()]
+    for layer in (0, 1, 2):
+        assert rows[layer].shape == (int(real.sum()), model.embed_dim)
+        for i in range(len(tokens)):
+            ours = rows[layer][offsets[i] : offsets[i + 1]]
+            assert (ours - expected[layer][i, real[i]]).abs().max() <= 1e-4
+
+
+def test_only_the_layers_asked_for_are_returned_and_computed(tiny):
+    model, alphabet = tiny
+    tokens = _mixed_batch(alphabet)
+    real = tokens.ne(alphabet.padding_idx)
+    expected = _fair_esm(model, tokens, [1])
+    poisoned = build_random_esm2(2, 64, 4, seed=1).eval()
+    poisoned.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for parameter in poisoned.layers[1].parameters():
+            parameter.fill_(float("nan"))
+    with torch.inference_mode():
+        for packed in (True, False):
+            rows, _ = embed_batch(poisoned, tokens, [1, 0], packed=packed)
+            assert sorted(rows) == [0, 1]
+            assert (rows[1] - expected[1][real]).abs().max() <= 1e-4
+        assert sorted(esm2_representations(poisoned, tokens, [0])) == [0]
+
+
+@pytest.mark.parametrize("layers", [[3], [-1], []])
+def test_layers_the_model_does_not_have_are_refused(tiny, layers):
+    model, alphabet = tiny
+    with pytest.raises(ValueError, match="repr_layers"):
+        esm2_representations(model, _mixed_batch(alphabet), layers)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_bf16_mean_embeddings_match_fp32_fair_esm_on_real_proteins(phage_dir, packed):
+    model = build_random_esm2(6, 320, 20).eval()
+    alphabet = model.alphabet
+    seqs = [seq for _, seq in phage_sample(phage_dir, 20, long=2)]
+    expected = fair_esm_means(model, alphabet, seqs, [3, 6])
+    _, _, tokens = BatchConverter(alphabet, 1022)([(str(i), s) for i, s in enumerate(seqs)])
+    with torch.inference_mode():
+        esm2_representations(model, tokens[:2], [6])  # used in fp32 first, then cast in place
+        rows, offsets = embed_batch(model.to(torch.bfloat16), tokens, [3, 6], packed=packed)
+    for layer in (3, 6):
+        assert rows[layer].dtype == torch.bfloat16
+        means = torch.stack([rows[layer][offsets[i] + 1 : offsets[i + 1] - 1].float().mean(0) for i in range(len(seqs))])
+        cosine = torch.nn.functional.cosine_similarity(means, torch.from_numpy(expected[layer]), dim=1)
+        assert cosine.min() >= 0.999, cosine
