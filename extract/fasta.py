@@ -3,7 +3,7 @@
 The parser works on blocks of whole records with numpy and bytes operations, so that tens of millions of
 short records take seconds and never become one Python object each. Accepted: lowercase, CRLF (or CR)
 line ends, blank lines, wrapped or single-line sequences, whitespace inside sequence lines, a terminal
-'*', headers with any UTF-8 text, a UTF-8 byte-order mark. The id is the header's first word.
+'*', headers whose description is any text (the id must be UTF-8), a UTF-8 byte-order mark. The id is the header's first word.
 """
 
 from __future__ import annotations
@@ -119,8 +119,6 @@ def _file_blocks(path: Path, block_bytes: int) -> Iterator[RecordBlock]:
     number = 1
     started = False
     for data in _whole_records(_chunks(path, block_bytes)):
-        if not data.isascii():
-            data.decode("utf-8")  # raises on text that is not UTF-8
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if not started:
@@ -167,7 +165,7 @@ def _ids(data: bytes, raw: np.ndarray, starts: np.ndarray, header_ends: np.ndarr
         high = np.flatnonzero(raw >= 0x80)
         unusual |= np.searchsorted(high, starts + 1) < np.searchsorted(high, id_ends)
     if unusual.any():  # split as Python splits text: Unicode whitespace, a leading space
-        words = [data[s + 1 : e].decode().split()[:1] if odd else [data[s + 1 : i].decode()]
+        words = [_first_word(data[s + 1 : e]) if odd else [data[s + 1 : i].decode()]
                  for s, e, i, odd in zip(starts.tolist(), header_ends.tolist(), id_ends.tolist(), unusual.tolist())]
         no_id = np.flatnonzero([not w for w in words])
         return "".join(f"{w[0] if w else ''}\n" for w in words).encode(), no_id
@@ -208,6 +206,14 @@ def _without_terminal_stops(stream: bytes) -> bytes:
     view = np.frombuffer(stream + MARK, np.uint8)
     stops = np.flatnonzero(view == ord(STOP))
     return np.delete(view[:-1], stops[view[stops + 1] == ord(MARK)]).tobytes()
+
+
+def _first_word(header: bytes) -> list[str]:
+    """The header's id as a one-item list (empty without one); a description need not be UTF-8, the id must."""
+    try:
+        return header.decode().split()[:1]
+    except UnicodeDecodeError:
+        return [word.decode() for word in header.split()[:1]]
 
 
 def _explain(path: Path, first_number: int, data: bytes, starts: np.ndarray, header_ends: np.ndarray,

@@ -51,6 +51,7 @@ ACCEPTED = {
     "wrapped at 60": lambda recs: _fasta(recs, sequence=_wrapped).encode(),
     "terminal stop": lambda recs: _fasta(recs, sequence=lambda s: s + "*").encode(),
     "any description": lambda recs: _fasta(recs, header=lambda rid, d: f">{rid}\t{d} | ß→α >x; [ÆØ]").encode(),
+    "latin-1 description": lambda recs: _fasta(recs, header=lambda rid, d: f">{rid} caf\xe9 {d}").encode("latin-1"),
     "no description": lambda recs: _fasta(recs, header=lambda rid, d: f">{rid}").encode(),
     "utf-8 byte-order mark": lambda recs: b"\xef\xbb\xbf" + _fasta(recs).encode(),
     "gzip": lambda recs: gzip.compress(_fasta(recs).encode()),
@@ -102,7 +103,7 @@ REFUSED = {
     "alignment gaps": (b">a\nMK-V.L\n", "record 1 (a): character(s) '-.' not in the ESM-2 protein alphabet"),
     "plain text": (b"hello\nworld\n", "not a FASTA file (the first line does not start with '>')"),
     "fastq": (b"@read1\nACGT\n+\nIIII\n", "not a FASTA file (the first line does not start with '>')"),
-    "binary": (bytes(range(256)) * 4, "not a FASTA file (not UTF-8 text)"),
+    "binary": (bytes(range(256)) * 4, "not a FASTA file (the first line does not start with '>')"),
     "truncated gzip": (_gzip_cut(">a\nMKVLA\n"), "the gzip stream is truncated or corrupt"),
 }
 
