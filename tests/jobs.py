@@ -32,9 +32,10 @@ def extract_command(args: list, nproc: int | None = None) -> list[str]:
             str(SCRIPT), *args]
 
 
-def run_extract(args: list, nproc: int | None = None, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(extract_command(args, nproc), env=clean_env(), capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+def run_extract(args: list, nproc: int | None = None, timeout: float = 300, extra_env: dict | None = None,
+                **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(extract_command(args, nproc), env={**clean_env(), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 def process_tree(pid: int) -> list[int]:

@@ -1,5 +1,7 @@
 """The extraction job end to end: real processes, real torchrun, real HDF5 files."""
 
+import shutil
+
 import h5py
 import numpy as np
 import pytest
@@ -128,3 +130,21 @@ def test_reference_attention_gives_fair_esm_numbers_too(tmp_path, tiny_model_pat
         assert done.returncode == 0, done.stderr
         data, _ = _read(out)
         assert np.abs(data["mean/layer_2"] - expected).max() <= 1e-4, attention
+
+
+def test_fair_esm_name_loads_from_the_hub_cache_on_every_rank(tmp_path, tiny_model_path):
+    """A name resolves to torch's hub cache ($TORCH_HOME/hub/checkpoints/NAME.pt); no download when it is there."""
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    shutil.copy(tiny_model_path, cache / "esm2_t6_8M_UR50D.pt")
+    records = random_proteins(8, seed=7)
+    fasta = write_fasta(tmp_path / "in.fasta", records)
+    out = tmp_path / "out.h5"
+    done = run_extract(_job("esm2_t6_8M_UR50D", [fasta], out), nproc=2,
+                       extra_env={"TORCH_HOME": str(tmp_path / "torch_home")})
+    assert done.returncode == 0, done.stderr
+    data, attrs = _read(out)
+    assert attrs["model"] == "esm2_t6_8M_UR50D" and not attrs["random_weights"]
+    model, alphabet = load_fair_esm(tiny_model_path)
+    expected = fair_esm_means(model, alphabet, [seq for _, seq in records], [2])[2]
+    assert np.abs(data["mean/layer_2"] - expected).max() <= 1e-4
