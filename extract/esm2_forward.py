@@ -11,9 +11,10 @@ The engine's one call is `embed_batch(model, tokens, repr_layers)`: it takes a p
 as fair-esm's `BatchConverter` makes it and returns, per absolute layer, the rows of every real
 token (BOS, residues, EOS) of all sequences concatenated, plus offsets: sequence i is rows
 `offsets[i]:offsets[i + 1]`. On the CPU it runs packed (`esm2_packed_representations`): the
-per-token work skips padding and attention runs sequence by sequence, which measured as fast as
-one padded attention call. Elsewhere it runs padded (`esm2_representations`) with a key-padding
-mask, since launching one attention kernel per sequence would starve a GPU.
+per-token work skips padding and attention runs one SDPA call per sequence, which on the CPU is as
+fast as one padded call (PyTorch's jagged nested tensors and compiled FlexAttention document
+masks both measured slower there). Elsewhere it runs padded (`esm2_representations`) with a
+key-padding mask: one attention kernel launch per sequence would leave a GPU idle.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The fast ESM-2 forward against fair-esm's own forward, on the same weights."""
 
+import copy
 import random
 
 import pytest
@@ -75,17 +76,14 @@ def test_only_the_layers_asked_for_are_returned_and_computed(tiny):
     tokens = _mixed_batch(alphabet)
     real = tokens.ne(alphabet.padding_idx)
     expected = _fair_esm(model, tokens, [1])
-    poisoned = build_random_esm2(2, 64, 4, seed=1).eval()
-    poisoned.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        for parameter in poisoned.layers[1].parameters():
-            parameter.fill_(float("nan"))
+    truncated = copy.deepcopy(model)
+    truncated.layers[1] = torch.nn.Module()  # any use of the last layer would raise AttributeError
     with torch.inference_mode():
         for packed in (True, False):
-            rows, _ = embed_batch(poisoned, tokens, [1, 0], packed=packed)
+            rows, _ = embed_batch(truncated, tokens, [1, 0], packed=packed)
             assert sorted(rows) == [0, 1]
             assert (rows[1] - expected[1][real]).abs().max() <= 1e-4
-        assert sorted(esm2_representations(poisoned, tokens, [0])) == [0]
+        assert sorted(esm2_representations(truncated, tokens, [0])) == [0]
 
 
 @pytest.mark.parametrize("layers", [[3], [-1], []])
