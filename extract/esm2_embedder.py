@@ -11,7 +11,7 @@ from esm.data import BatchConverter
 from extract import pooling
 from extract.errors import UserError
 from extract.esm2_chunked_attention import chunked_forward
-from extract.esm2_forward import embed_batch
+from extract.esm2_forward import embed_batch, esm2_representations
 from extract.long_sequences import LongSequencePolicy
 from extract.model_loading import LoadedModel
 from extract.output_file import RowDataset
@@ -102,7 +102,9 @@ class Esm2Embedder:
         """Padded (windows, tokens, width) per layer, from our fast forward or fair-esm's own."""
         if self.attention == "reference":
             return self.model(tokens, repr_layers=self.layers)["representations"]
-        rows, _ = embed_batch(self.model, tokens, self.layers)
+        if tokens.device.type != "cpu":  # padded already: no round trip through packed rows
+            return esm2_representations(self.model, tokens, self.layers)
+        rows, _ = embed_batch(self.model, tokens, self.layers, packed=True)
         real = tokens.ne(self.model.padding_idx)
         padded = {}
         for layer, values in rows.items():
