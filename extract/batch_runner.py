@@ -21,17 +21,20 @@ from extract.planning import plan_batches
 
 
 class Model(Protocol):
-    """What the runner needs of the model: rows' values, and one row's with less peak memory (same values)."""
+    """What the runner needs of the model: rows' values, one row's with less peak memory (same values),
+    and the tokens a batch computes (given its rows' tokens per model input and model inputs)."""
 
     def embed(self, sequences: list[str]) -> dict[str, np.ndarray]: ...
     def embed_low_memory(self, sequence: str) -> dict[str, np.ndarray]: ...
+    def computed_tokens(self, tokens: np.ndarray, inputs: np.ndarray) -> int: ...
 
 
 @dataclass
 class RunStats:
     rows: int = 0  # rows computed
     residues: int = 0
-    tokens: int = 0  # padded tokens computed
+    residues_embedded: int = 0  # residues the model's outputs cover (of a truncated row, the window's)
+    tokens: int = 0  # tokens computed, padding included where the model pads
     split_batches: int = 0  # batches that ran out of memory and were computed in halves
     low_memory_rows: int = 0  # rows computed with the low-memory forward after running out of memory alone
     failed_rows: list[int] = field(default_factory=list)  # rows that did not fit even that way
@@ -51,6 +54,7 @@ class Rows:
     fetch: Callable[[np.ndarray], list[str]]  # the rows' sequences
     ids: Sequence[str]
     lengths: np.ndarray  # residues per row
+    embedded: np.ndarray  # residues the model's outputs cover per row
     tokens: np.ndarray  # tokens of each of a row's model inputs
     model_inputs: np.ndarray  # model inputs per row (e.g. windows of a long protein)
 
@@ -92,7 +96,8 @@ class BatchRunner:
         self.write(rows, values)
         self.stats.rows += rows.size
         self.stats.residues += int(self.rows.lengths[rows].sum())
-        self.stats.tokens += self._padded(rows)
+        self.stats.residues_embedded += int(self.rows.embedded[rows].sum())
+        self.stats.tokens += self.model.computed_tokens(self.rows.tokens[rows], self.rows.model_inputs[rows])
 
     def _split(self, rows: np.ndarray) -> None:
         self.stats.split_batches += 1

@@ -137,8 +137,8 @@ def _compute_rows(identity: RankIdentity, inputs: InputIndex, embedder: Embedder
         log.info("%d of the batches are this rank's", len(mine))
         copies = _Copies(work, writer, inputs, embedder)
         lengths = np.asarray(inputs.lengths)
-        rows = Rows(store.fetch, inputs.ids, lengths, embedder.tokens_per_row(lengths),
-                    embedder.inputs_per_row(lengths))
+        rows = Rows(store.fetch, inputs.ids, lengths, embedder.residues_embedded(lengths),
+                    embedder.tokens_per_row(lengths), embedder.inputs_per_row(lengths))
         runner = BatchRunner(embedder, rows, copies.write, job.toks_per_batch, log)
         for batch in mine:
             stopping.raise_if_requested()
@@ -147,7 +147,7 @@ def _compute_rows(identity: RankIdentity, inputs: InputIndex, embedder: Embedder
     log.info("wrote %d rows (%d residues), %d of them computed, in %d batches", copies.rows, copies.residues,
              ran.rows, len(mine))
     return RankStats(identity.rank, str(embedder.device), copies.rows, copies.residues, ran.rows, ran.residues,
-                     ran.tokens, time.monotonic() - started, run_report.peak_host_bytes(),
+                     ran.tokens, ran.residues_embedded, time.monotonic() - started, run_report.peak_host_bytes(),
                      run_report.peak_device_bytes(embedder.device), ran.split_batches, len(ran.failed_rows),
                      ran.low_memory_rows, [inputs.ids[row] for row in sorted(ran.failed_rows)])
 
@@ -191,10 +191,10 @@ def _finish(job: JobSettings, report: dict, log: logging.Logger) -> None:
         raise JobError(f"{job.out}: {missing.size} rows are still not done; rerun the same command to resume")
     total = report["total"]
     log.info("complete: %d rows, %d of them computed (%.1f%% were copies of identical sequences, saving %.1f%% of "
-             "the residues); %d residues in %.1f s (%.0f residues/s); rows per rank %s -> %s", total["rows"],
-             total["rows_computed"], 100 * total["duplicate_share"], 100 * total["residues_saved_share"],
-             total["residues"], total["seconds"], total["residues_per_second"],
-             [rank["rows"] for rank in report["ranks"]], job.out)
+             "the residues); %d residues in %.1f s (%.0f residues/s); %.1f%% of the computed tokens were residues; "
+             "rows per rank %s -> %s", total["rows"], total["rows_computed"], 100 * total["duplicate_share"],
+             100 * total["residues_saved_share"], total["residues"], total["seconds"], total["residues_per_second"],
+             100 * total["residue_share_of_tokens"], [rank["rows"] for rank in report["ranks"]], job.out)
 
 
 def run_job(identity: RankIdentity, inputs: InputIndex, embedder: Embedder, job: JobSettings,

@@ -11,13 +11,13 @@ from esm.data import BatchConverter
 from extract import pooling
 from extract.errors import UserError
 from extract.esm2_chunked_attention import chunked_forward
-from extract.esm2_forward import embed_batch, esm2_representations
+from extract.esm2_forward import PADDED, cumulative_offsets, default_packing, embed_batch
 from extract.long_sequences import LongSequencePolicy
 from extract.model_loading import LoadedModel
 from extract.output_file import RowDataset
 
 CPU_TOKEN_BUDGET = 4096
-MAX_TOKEN_BUDGET = 1 << 20
+MAX_TOKEN_BUDGET = 1 << 17
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -95,47 +95,63 @@ class Esm2Embedder:
     @torch.inference_mode()
     def embed(self, sequences: list[str]) -> dict[str, np.ndarray]:
         layout = self.long_sequences.layout(np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences)))
-        tokens = self._tokens(layout.window_sequences(sequences))
-        return pooling.pool(self._representations(tokens), layout, self.outputs)
+        rows, offsets = self._rows(self._tokens(layout.window_sequences(sequences)))
+        return pooling.pool(rows, offsets.numpy(), layout, self.outputs)
 
-    def _representations(self, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Padded (windows, tokens, width) per layer, from our fast forward or fair-esm's own."""
-        if self.attention == "reference":
-            return self.model(tokens, repr_layers=self.layers)["representations"]
-        if tokens.device.type != "cpu":  # padded already: no round trip through packed rows
-            return esm2_representations(self.model, tokens, self.layers)
-        rows, _ = embed_batch(self.model, tokens, self.layers, packed=True)
+    def _rows(self, tokens: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Every real token's row per layer, windows concatenated, and the host offsets of the windows;
+        from our fast forward (packed) or fair-esm's own (padded, then its padding left out)."""
+        if self.attention == "fast":
+            return embed_batch(self.model, tokens, self.layers)
         real = tokens.ne(self.model.padding_idx)
-        padded = {}
-        for layer, values in rows.items():
-            padded[layer] = values.new_zeros(*tokens.shape, values.shape[-1])
-            padded[layer][real] = values
-        return padded
+        padded = self.model(tokens.to(self.device), repr_layers=self.layers)["representations"]
+        return {layer: values[real.to(self.device)] for layer, values in padded.items()}, cumulative_offsets(real.sum(1))
+
+    def computed_tokens(self, tokens: np.ndarray, inputs: np.ndarray) -> int:
+        """Tokens a batch's forward computes, from its rows' tokens per input and inputs: the real ones
+        when the fast forward packs them, otherwise the padded batch."""
+        if self.attention == "fast" and default_packing(self.device) != PADDED:
+            return int((tokens * inputs).sum())
+        return int(tokens.max()) * int(inputs.sum())
 
     @torch.inference_mode()
     def embed_low_memory(self, sequence: str) -> dict[str, np.ndarray]:
         """The same result for one protein, its windows one at a time and each window's attention computed
         in chunks: for when `embed` runs out of device memory even on that protein alone."""
         layout = self.long_sequences.layout(np.array([len(sequence)]))
-        windows = [chunked_forward(self.model, self._tokens([window]), self.layers)
+        windows = [chunked_forward(self.model, self._tokens([window]).to(self.device), self.layers)
                    for window in layout.window_sequences([sequence])]
-        # A protein's windows are all equally long, so they stack as one padding-free batch would.
-        representations = {layer: torch.cat([window[layer] for window in windows]) for layer in self.layers}
-        return pooling.pool(representations, layout, self.outputs)
+        rows = {layer: torch.cat([window[layer][0] for window in windows]) for layer in self.layers}
+        lengths = torch.tensor([window[self.layers[0]].shape[1] for window in windows])
+        return pooling.pool(rows, cumulative_offsets(lengths).numpy(), layout, self.outputs)
 
     def _tokens(self, windows: list[str]) -> torch.Tensor:
+        """fair-esm's padded (windows, tokens) batch, on the host."""
         _, _, tokens = self._converter([("", window) for window in windows])
-        return tokens.to(self.device, non_blocking=True)
+        return tokens
 
     def auto_token_budget(self) -> int:
-        """Padded tokens per batch: fair-esm's 4096 on the CPU; on a GPU at least the seed plan's
-        2048 (fp32) / 3072 (16-bit), more where half the free memory holds it."""
+        """Tokens per batch: fair-esm's 4096 on the CPU; on a GPU what half its free memory holds."""
         if self.device.type != "cuda":
             return CPU_TOKEN_BUDGET
-        floor = 2048 if self.dtype == torch.float32 else 3072
         free_bytes, _ = torch.cuda.mem_get_info(self.device)
-        element = torch.finfo(self.dtype).bits // 8
-        model = self.model
-        # One layer's activations per token, plus an fp32 row of full-length attention scores per head.
-        per_token = element * model.embed_dim * 12 + 4 * model.attention_heads * (self.truncation_seq_length + 2)
-        return int(max(floor, min(MAX_TOKEN_BUDGET, free_bytes // 2 // per_token)))
+        scores = self.truncation_seq_length + 2 if self.attention == "reference" else 0
+        return memory_token_budget(free_bytes, self.dtype, self.loaded.embed_dim, len(self.layers),
+                                   self.model.attention_heads, scores)
+
+
+def memory_token_budget(free_bytes: int, dtype: torch.dtype, embed_dim: int, layers_kept: int, heads: int,
+                        scores_per_token: int) -> int:
+    """Tokens whose forward fits in half of `free_bytes` (the rest is headroom: the allocator's
+    fragmentation, pooling's copies), at least the seed plan's 2048 (fp32) / 3072 (16-bit), at most
+    MAX_TOKEN_BUDGET (batches big enough to fill the device, small enough to keep ranks balanced).
+
+    Per token, in the compute dtype: about 20 rows of `embed_dim` live at a layer's peak (residual,
+    norm, q|k|v and their contiguous copies, context, the 4x MLP hidden and its GELU) plus one per
+    layer kept for the outputs; in fp32: q and k rotated, and the kept residues summed for the means.
+    `scores_per_token` counts the attention scores a forward materialises per token and head (fair-esm's:
+    the window; none for SDPA's kernels), held in fp32 with their softmax."""
+    element = torch.finfo(dtype).bits // 8
+    per_token = embed_dim * (element * (20 + layers_kept) + 4 * 3) + 2 * 4 * heads * scores_per_token
+    floor = 2048 if dtype == torch.float32 else 3072
+    return int(max(floor, min(MAX_TOKEN_BUDGET, free_bytes // 2 // per_token)))

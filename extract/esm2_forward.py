@@ -7,18 +7,21 @@ CPU) instead of materialising the score matrix; rotary embeddings are computed i
 the model's dtype; q, k and v come from one matmul; the residual is added inside the output
 matmuls; and there is no LM head, no contact head and no work past the highest layer asked for.
 
-The engine's one call is `embed_batch(model, tokens, repr_layers)`: it takes a padded (B, T) batch
-as fair-esm's `BatchConverter` makes it and returns, per absolute layer, the rows of every real
-token (BOS, residues, EOS) of all sequences concatenated, plus offsets: sequence i is rows
-`offsets[i]:offsets[i + 1]`. On the CPU it runs packed (`esm2_packed_representations`): the
-per-token work skips padding and attention runs one SDPA call per sequence, which on the CPU is as
-fast as one padded call (PyTorch's jagged nested tensors and compiled FlexAttention document
-masks both measured slower there). Elsewhere it runs padded (`esm2_representations`) with a
-key-padding mask: one attention kernel launch per sequence would leave a GPU idle.
+The embedder's one call is `embed_batch(model, tokens, repr_layers)`: it takes a padded (B, T) batch
+on the host, as fair-esm's `BatchConverter` makes it, and returns, per absolute layer, the rows of
+every real token (BOS, residues, EOS) of all sequences concatenated on the model's device, plus host
+offsets: sequence i is rows `offsets[i]:offsets[i + 1]`. No compute is spent on padding: the
+sequences are packed on the host and attention runs per sequence, either one SDPA call per sequence
+(`PER_SEQUENCE`, the CPU default: as fast there as one padded call, while PyTorch's jagged nested
+tensors and compiled FlexAttention document masks both measured slower) or one SDPA call on a jagged
+nested tensor (`JAGGED`, the CUDA default: PyTorch runs FlashAttention's or the memory-efficient
+kernel's variable-length form on it). Other devices run padded batches with a key-padding mask
+(`PADDED`, `esm2_representations`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterable
 
 import torch
@@ -31,23 +34,46 @@ from esm.multihead_attention import MultiheadAttention
 # by the observed mask ratio against that, also at inference and also when nothing is masked.
 MASK_RATIO_TRAIN = 0.15 * 0.8
 
+PER_SEQUENCE, JAGGED, PADDED = "per_sequence", "jagged", "padded"
+PACKINGS = (PER_SEQUENCE, JAGGED, PADDED)
+
 Attend = Callable[[torch.Tensor], torch.Tensor]
+
+# Building a jagged nested tensor makes torch log a notice about its own internals (torch.fx's
+# is_fx_tracing), once per process; it says nothing to our users.
+logging.getLogger("torch.fx._symbolic_trace").addFilter(lambda record: "is_fx_tracing" not in record.getMessage())
+
+
+def default_packing(device: torch.device) -> str:
+    return {"cpu": PER_SEQUENCE, "cuda": JAGGED}.get(device.type, PADDED)
 
 
 def embed_batch(
-    model: ESM2, tokens: torch.Tensor, repr_layers: Iterable[int], packed: bool | None = None
+    model: ESM2, tokens: torch.Tensor, repr_layers: Iterable[int], packing: str | None = None
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """({absolute layer: (real tokens, D)}, offsets (B + 1,)) for a padded (B, T) token batch.
-
-    `packed` defaults to True on the CPU and False elsewhere."""
+    """({absolute layer: (real tokens, D) on the model's device}, host offsets (B + 1,)) for a padded
+    (B, T) host token batch; `packing` defaults to `default_packing(the model's device)`."""
+    device = model.embed_tokens.weight.device
     real = tokens.ne(model.padding_idx)
-    offsets = F.pad(real.sum(1).cumsum(0), (1, 0))
-    if packed is None:
-        packed = tokens.device.type == "cpu"
-    if packed:
-        return esm2_packed_representations(model, tokens[real], offsets, repr_layers), offsets
-    padded = esm2_representations(model, tokens, repr_layers)
-    return {layer: rows[real] for layer, rows in padded.items()}, offsets
+    offsets = cumulative_offsets(real.sum(1))
+    packing = packing or default_packing(device)
+    if packing == PADDED:
+        padded = esm2_representations(model, _to_device(tokens, device), repr_layers)
+        return {layer: rows[real.to(device)] for layer, rows in padded.items()}, offsets
+    packed = _to_device(tokens[real], device)
+    return esm2_packed_representations(model, packed, offsets, repr_layers, packing), offsets
+
+
+def cumulative_offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """(n + 1,) offsets of n consecutive runs of rows of these lengths."""
+    return F.pad(lengths.cumsum(0), (1, 0))
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory, so that the copy does not wait."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def esm2_representations(model: ESM2, tokens: torch.Tensor, repr_layers: Iterable[int]) -> dict[int, torch.Tensor]:
@@ -75,32 +101,62 @@ def esm2_representations(model: ESM2, tokens: torch.Tensor, repr_layers: Iterabl
 
 
 def esm2_packed_representations(
-    model: ESM2, tokens: torch.Tensor, cu_seqlens: torch.Tensor, repr_layers: Iterable[int]
+    model: ESM2, tokens: torch.Tensor, cu_seqlens: torch.Tensor, repr_layers: Iterable[int],
+    packing: str = PER_SEQUENCE,
 ) -> dict[int, torch.Tensor]:
     """esm2_representations for sequences concatenated without padding: `tokens` (N,) holds each
-    sequence's BOS ... EOS in turn, sequence i at `cu_seqlens[i]:cu_seqlens[i + 1]`. Returns (N, D)
-    per absolute layer."""
+    sequence's BOS ... EOS in turn, sequence i at `cu_seqlens[i]:cu_seqlens[i + 1]` (a host tensor, so
+    that nothing here waits for the device). Returns (N, D) per absolute layer."""
     layers = _check_layers(model, repr_layers)
-    lengths = cu_seqlens.diff()
-    sequence = torch.repeat_interleave(lengths)
-    masked = torch.bincount(sequence[tokens == model.mask_idx], minlength=lengths.numel())
-    x = _embed(model, tokens, masked[sequence, None], lengths[sequence, None])
-    positions = torch.arange(tokens.numel(), device=tokens.device) - cu_seqlens[sequence]
-    cos, sin = _rotary_tables(model, positions)
+    device = tokens.device
+    host_sequence = torch.repeat_interleave(cu_seqlens.diff())
+    sequence, bounds = host_sequence.to(device), cu_seqlens.to(device)
+    masked_so_far = F.pad((tokens == model.mask_idx).cumsum(0), (1, 0))
+    masked = masked_so_far[bounds[1:]] - masked_so_far[bounds[:-1]]
+    x = _embed(model, tokens, masked[sequence, None], bounds.diff()[sequence, None])
+    cos, sin = _rotary_tables(model, (torch.arange(tokens.numel()) - cu_seqlens[host_sequence]).to(device))
     heads = model.attention_heads
-    bounds = cu_seqlens.tolist()
+    varlen_attention = _jagged_attention(cu_seqlens, bounds) if packing == JAGGED else \
+        _per_sequence_attention(cu_seqlens.tolist())
 
     def attend(qkv: torch.Tensor) -> torch.Tensor:
         qk, v = qkv.view(qkv.shape[0], 3 * heads, -1).split((2 * heads, heads), dim=1)
-        qk = _rotate(qk, cos, sin).to(qkv.dtype)
-        context = torch.empty_like(v)
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            q, k = qk[start:end].transpose(0, 1).unsqueeze(0).split(heads, dim=1)
-            one = F.scaled_dot_product_attention(q, k, v[start:end].transpose(0, 1).unsqueeze(0))
-            context[start:end] = one[0].transpose(0, 1)
-        return context.view(qkv.shape[0], -1)
+        q, k = _rotate(qk, cos, sin).to(qkv.dtype).split(heads, dim=1)
+        return varlen_attention(q, k, v).view(qkv.shape[0], -1)
 
     return _encode(model, x, layers, attend)
+
+
+VarlenAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _per_sequence_attention(bounds: list[int]) -> VarlenAttention:
+    """Attention of packed (N, heads, head_dim) q, k, v, one SDPA call per sequence."""
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        context = torch.empty_like(v)
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            one = F.scaled_dot_product_attention(*(x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v)))
+            context[start:end] = one[0].transpose(0, 1)
+        return context
+
+    return attention
+
+
+def _jagged_attention(cu_seqlens: torch.Tensor, offsets: torch.Tensor) -> VarlenAttention:
+    """Attention of packed (N, heads, head_dim) q, k, v, one SDPA call on jagged nested tensors;
+    `offsets` is `cu_seqlens` on their device."""
+    lengths = cu_seqlens.diff()
+    shortest, longest = int(lengths.min()), int(lengths.max())
+
+    def jagged(x: torch.Tensor) -> torch.Tensor:  # (sequences, heads, jagged length, head_dim)
+        return torch.nested.nested_tensor_from_jagged(x.contiguous(), offsets, min_seqlen=shortest,
+                                                      max_seqlen=longest).transpose(1, 2)
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v)).transpose(1, 2).values()
+
+    return attention
 
 
 def _check_layers(model: ESM2, repr_layers: Iterable[int]) -> set[int]:

@@ -102,7 +102,9 @@ def _embedder(args: argparse.Namespace, loaded: LoadedModel, long_sequences: Lon
 
 
 def _job_settings(args: argparse.Namespace, argv: list[str], embedder: Esm2Embedder) -> JobSettings:
-    budget = embedder.auto_token_budget() if args.toks_per_batch == "auto" else args.toks_per_batch
+    # Every rank plans alike: an automatic budget is the smallest any rank's free memory allows.
+    budget = min(runtime.gather(embedder.auto_token_budget())) if args.toks_per_batch == "auto" \
+        else args.toks_per_batch
     context = {"arguments": argv, "versions": run_report.package_versions(REPORTED_PACKAGES)}
     return JobSettings(args.out, budget, args.overwrite, args.progress_seconds, args.storage_dtype, args.report,
                        context, args.dedupe)

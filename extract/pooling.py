@@ -1,8 +1,8 @@
 """Pooling a forward pass's representations into the stored outputs, on the device.
 
 `mean`: mean over each protein's kept residues; `bos`: the BOS token of its first window;
-`per_tok`: its kept residues, proteins concatenated in batch order. Representations are padded
-(windows, tokens, width) with the BOS token at position 0 and residues from position 1.
+`per_tok`: its kept residues, proteins concatenated in batch order. Representations are packed rows:
+window w's tokens (BOS, residues, EOS) are rows `offsets[w]:offsets[w + 1]`.
 """
 
 from __future__ import annotations
@@ -19,38 +19,42 @@ def dataset_name(output: str, layer: int) -> str:
     return f"{output}/layer_{layer}"
 
 
-def pool(representations: dict[int, torch.Tensor], layout: BatchLayout, outputs: list[str]) -> dict[str, np.ndarray]:
+def pool(rows: dict[int, torch.Tensor], offsets: np.ndarray, layout: BatchLayout,
+         outputs: list[str]) -> dict[str, np.ndarray]:
     """{dataset name: float32 array}: (proteins, width) for mean and bos, (kept residues, width) for per_tok."""
-    any_layer = next(iter(representations.values()))
-    device = any_layer.device
-    kept = _kept_token_mask(layout, any_layer.shape[1], device)
+    device = next(iter(rows.values())).device
+    kept = torch.as_tensor(_kept_rows(offsets, layout), device=device)
+    bos = torch.as_tensor(np.asarray(offsets)[layout.first_window], device=device)
+    embedded = torch.as_tensor(layout.embedded, device=device)
     pooled = {}
-    for layer, reps in representations.items():
+    for layer, values in rows.items():
+        residues = values.index_select(0, kept)
         if "mean" in outputs:
-            pooled[dataset_name("mean", layer)] = _mean(reps, kept, layout)
+            # segment_reduce sums each protein's rows in order (no atomics): the same result on every run.
+            sums = torch.segment_reduce(residues.float(), "sum", lengths=embedded)
+            pooled[dataset_name("mean", layer)] = sums / embedded.unsqueeze(1)
         if "bos" in outputs:
-            pooled[dataset_name("bos", layer)] = reps[torch.as_tensor(layout.first_window, device=device), 0]
+            pooled[dataset_name("bos", layer)] = values.index_select(0, bos)
         if "per_tok" in outputs:
-            # Windows are in protein order, so the kept tokens in row-major order are the residues in order.
-            pooled[dataset_name("per_tok", layer)] = reps[kept]
-    return {name: values.float().cpu().numpy() for name, values in pooled.items()}
+            pooled[dataset_name("per_tok", layer)] = residues
+    return _to_host(pooled)
 
 
-def _kept_token_mask(layout: BatchLayout, tokens: int, device: torch.device) -> torch.Tensor:
-    """(windows, tokens) bool: the tokens whose residue the layout keeps (offset 1 for BOS)."""
-    positions = torch.arange(tokens, device=device)
-    keep_start = torch.as_tensor(layout.keep_start + 1, device=device).unsqueeze(1)
-    keep_stop = torch.as_tensor(layout.keep_stop + 1, device=device).unsqueeze(1)
-    return (positions >= keep_start) & (positions < keep_stop)
+def _kept_rows(offsets: np.ndarray, layout: BatchLayout) -> np.ndarray:
+    """The rows of the residues the layout keeps, window by window (BOS is each window's row 0). Windows
+    are in protein order, so these are each protein's embedded residues in order, proteins in batch order."""
+    first = np.asarray(offsets)[:-1] + 1 + layout.keep_start  # each window's first kept row
+    counts = layout.keep_stop - layout.keep_start
+    kept_before = np.cumsum(counts) - counts  # kept rows of the windows before it
+    return np.repeat(first - kept_before, counts) + np.arange(counts.sum())
 
 
-def _mean(reps: torch.Tensor, kept: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
-    """Sums per window, then per protein over its windows (placed side by side, not scatter-added, which
-    is not deterministic on GPUs), divided by the protein's kept residues."""
-    window_sums = (reps.float() * kept.unsqueeze(-1)).sum(1)
-    rank_in_protein = np.arange(len(layout.protein)) - layout.first_window[layout.protein]
-    side_by_side = window_sums.new_zeros(len(layout.embedded), int(rank_in_protein.max()) + 1, window_sums.shape[1])
-    side_by_side[torch.as_tensor(layout.protein, device=reps.device),
-                 torch.as_tensor(rank_in_protein, device=reps.device)] = window_sums
-    counts = torch.as_tensor(layout.embedded, dtype=torch.float32, device=reps.device).unsqueeze(1)
-    return side_by_side.sum(1) / counts
+def _to_host(pooled: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """float32 numpy arrays; from a GPU through pinned memory, every copy queued before one wait."""
+    if not pooled or next(iter(pooled.values())).device.type != "cuda":
+        return {name: values.float().cpu().numpy() for name, values in pooled.items()}
+    host = {name: torch.empty(values.shape, dtype=torch.float32, pin_memory=True) for name, values in pooled.items()}
+    for name, values in pooled.items():
+        host[name].copy_(values.float(), non_blocking=True)
+    torch.cuda.current_stream(next(iter(pooled.values())).device).synchronize()
+    return {name: values.numpy() for name, values in host.items()}

@@ -26,7 +26,8 @@ class RankStats:
     residues: int  # residues of the rows written
     rows_computed: int  # of them, rows computed; the others took the values of an identical sequence
     residues_computed: int
-    tokens: int  # padded tokens computed: each batch's longest row (BOS/EOS included) x its rows
+    tokens: int  # tokens computed (BOS/EOS included, and padding where the model pads batches)
+    residues_embedded: int  # residues those tokens embed: not BOS/EOS, padding, a truncated tail or an overlap
     seconds: float  # time spent computing and writing this rank's batches
     peak_host_bytes: int
     peak_device_bytes: int | None  # None on the CPU
@@ -86,6 +87,8 @@ def build(stats: list[RankStats], wall_seconds: float, rows_in_file: int, settin
         "duplicate_share": _share(rows - computed, rows),  # rows that took an identical sequence's values
         "residues_saved_share": _share(residues - residues_computed, residues),
         "tokens": sum(s.tokens for s in stats),
+        "residues_embedded": sum(s.residues_embedded for s in stats),
+        "residue_share_of_tokens": _share(sum(s.residues_embedded for s in stats), sum(s.tokens for s in stats)),
         "seconds": round(wall_seconds, 3),
         "residues_per_second": _rate(residues, wall_seconds),
         "peak_host_bytes": max(s.peak_host_bytes for s in stats),

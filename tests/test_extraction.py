@@ -1,5 +1,6 @@
 """The extraction job end to end: real processes, real torchrun, real HDF5 files."""
 
+import json
 import shutil
 
 import h5py
@@ -25,9 +26,9 @@ def _job(model, fasta, out, *extra):
 def test_two_ranks_match_fair_esm_on_real_proteins(tmp_path, tiny_model_path, phage_dir):
     records = phage_sample(phage_dir, 24, long=3)
     fasta = write_fasta(tmp_path / "phage.fasta", records)
-    out = tmp_path / "out.h5"
+    out, report = tmp_path / "out.h5", tmp_path / "report.json"
     done = run_extract(_job(tiny_model_path, [fasta], out, "--repr-layers", "0", "1", "-1",
-                            "--toks-per-batch", "3000"), nproc=2)
+                            "--toks-per-batch", "3000", "--report", report), nproc=2)
     assert done.returncode == 0, done.stderr
     data, attrs = _read(out)
     model, alphabet = load_fair_esm(tiny_model_path)
@@ -37,6 +38,13 @@ def test_two_ranks_match_fair_esm_on_real_proteins(tmp_path, tiny_model_path, ph
     for layer in (0, 1, 2):
         assert np.abs(data[f"mean/layer_{layer}"] - expected[layer]).max() <= 1e-4
     assert attrs["status"] == "complete"
+    total = json.loads(report.read_text())["total"]
+    # Packed batches: only BOS and EOS are computed besides the residues (the long ones' first 1022), once
+    # per distinct sequence.
+    distinct = {seq for _, seq in records}
+    assert total["residues_embedded"] == sum(min(len(seq), 1022) for seq in distinct)
+    assert total["tokens"] == total["residues_embedded"] + 2 * len(distinct)
+    assert total["residue_share_of_tokens"] >= 0.95
     assert "rows per rank [" in done.stderr and "[rank 0/2]" in done.stderr and "[rank 1/2]" in done.stderr
 
 
@@ -124,12 +132,16 @@ def test_reference_attention_gives_fair_esm_numbers_too(tmp_path, tiny_model_pat
     fasta = write_fasta(tmp_path / "in.fasta", records)
     model, alphabet = load_fair_esm(tiny_model_path)
     expected = fair_esm_means(model, alphabet, [seq for _, seq in records], [2])[2]
+    real_tokens = sum(len(seq) + 2 for _, seq in records)
     for attention in ("fast", "reference"):
-        out = tmp_path / f"{attention}.h5"
-        done = run_extract(_job(tiny_model_path, [fasta], out, "--attention", attention))
+        out, report = tmp_path / f"{attention}.h5", tmp_path / f"{attention}.json"
+        done = run_extract(_job(tiny_model_path, [fasta], out, "--attention", attention, "--report", report))
         assert done.returncode == 0, done.stderr
         data, _ = _read(out)
         assert np.abs(data["mean/layer_2"] - expected).max() <= 1e-4, attention
+        tokens = json.loads(report.read_text())["total"]["tokens"]
+        # The fast forward packs the batch; fair-esm's computes it padded to its longest protein.
+        assert tokens == real_tokens if attention == "fast" else tokens > real_tokens
 
 
 def test_fair_esm_name_loads_from_the_hub_cache_on_every_rank(tmp_path, tiny_model_path):

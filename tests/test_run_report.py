@@ -18,7 +18,12 @@ def test_report_of_a_single_process_run(single_process_run, capsid_fasta):
     assert (rank["rank"], rank["device"], rank["rows"]) == (0, "cpu", 16)
     assert total["rows"] == total["rows_in_file"] == 16 and total["ranks"] == 1
     assert rank["residues"] == total["residues"] == int(inputs.lengths.sum())
-    assert rank["tokens"] == total["tokens"] >= total["residues"] + 2 * 16  # padding and BOS/EOS counted
+    # Packed on the CPU: the tokens computed are the residues, BOS and EOS, and no padding.
+    assert total["residues_embedded"] == total["residues_computed"]  # none longer than the window
+    assert rank["tokens"] == total["tokens"] == total["residues_embedded"] + 2 * total["rows_computed"]
+    assert total["residue_share_of_tokens"] == round(total["residues_embedded"] / total["tokens"], 4)
+    assert f"{100 * total['residue_share_of_tokens']:.1f}% of the computed tokens were residues" in \
+        single_process_run.terminal
     assert rank["peak_host_bytes"] == total["peak_host_bytes"] > 0 and total["peak_device_bytes"] is None
     assert total["seconds"] >= rank["seconds"] > 0 and rank["residues_per_second"] > 0
     assert (total["oom_split_batches"], total["failed_rows"]) == (0, 0)
