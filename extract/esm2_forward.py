@@ -22,6 +22,7 @@ kernel's variable-length form on it). Other devices run padded batches with a ke
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Callable, Iterable
 
 import torch
@@ -122,7 +123,7 @@ def esm2_packed_representations(
     def attend(qkv: torch.Tensor) -> torch.Tensor:
         qk, v = qkv.view(qkv.shape[0], 3 * heads, -1).split((2 * heads, heads), dim=1)
         q, k = _rotate(qk, cos, sin).to(qkv.dtype).split(heads, dim=1)
-        return varlen_attention(q, k, v).view(qkv.shape[0], -1)
+        return varlen_attention(q, k, v).reshape(qkv.shape[0], -1)
 
     return _encode(model, x, layers, attend)
 
@@ -231,7 +232,17 @@ def _linear_residual(linear: torch.nn.Linear, x: torch.Tensor, residual: torch.T
 
 
 def _qkv_weights(attn: MultiheadAttention) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k and v projections stacked for one matmul (a copy per call: small next to a batch's work,
-    and never stale after the model's weights change)."""
-    sources = (attn.q_proj, attn.k_proj, attn.v_proj)
-    return torch.cat([p.weight for p in sources]), torch.cat([p.bias for p in sources])
+    """q, k and v projections stacked for one matmul; stacked once per module and kept until any of its
+    projections changes (moved, cast or written to in place)."""
+    sources = [t for p in (attn.q_proj, attn.k_proj, attn.v_proj) for t in (p.weight, p.bias)]
+    if any(t.is_inference() for t in sources):  # they keep no version counter: stack them anew
+        return torch.cat(sources[0::2]), torch.cat(sources[1::2])
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    cached = _stacked_qkv.get(attn)
+    if cached is None or cached[0] != key:
+        cached = key, torch.cat(sources[0::2]), torch.cat(sources[1::2])
+        _stacked_qkv[attn] = cached
+    return cached[1], cached[2]
+
+
+_stacked_qkv: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

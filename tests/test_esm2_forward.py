@@ -109,3 +109,21 @@ def test_bf16_mean_embeddings_match_fp32_fair_esm_on_real_proteins(phage_dir, pa
         means = torch.stack([rows[layer][offsets[i] + 1 : offsets[i + 1] - 1].float().mean(0) for i in range(len(seqs))])
         cosine = torch.nn.functional.cosine_similarity(means, torch.from_numpy(expected[layer]), dim=1)
         assert cosine.min() >= 0.999, cosine
+
+
+def test_changed_weights_are_used_at_once(tiny):
+    """The stacked q|k|v weights are kept between batches, but never once the model's weights change."""
+    model, alphabet = tiny
+    model = copy.deepcopy(model)
+    tokens = _mixed_batch(alphabet)[3:]
+    real = tokens.ne(alphabet.padding_idx)
+    with torch.inference_mode():
+        before, _ = embed_batch(model, tokens, [2])
+    with torch.no_grad():
+        model.layers[0].self_attn.k_proj.weight.mul_(2)  # in place
+        model.layers[1].self_attn.v_proj.bias = torch.nn.Parameter(model.layers[1].self_attn.v_proj.bias + 1)
+    with torch.inference_mode():
+        rows, _ = embed_batch(model, tokens, [2])
+    expected = _fair_esm(model, tokens, [2])[2][real]
+    assert (before[2] - expected).abs().max() > 1e-2
+    assert (rows[2] - expected).abs().max() <= 1e-4
