@@ -141,7 +141,7 @@ def run_ours(args: argparse.Namespace, model_path: Path, fasta: Path, workdir: P
                "--report", str(report)]
     seconds, _ = whole_process(command, args.threads)
     total = json.loads(report.read_text())["total"]
-    return {"process_seconds": seconds, "out": workdir / "ours.h5", "residues": total["residues"],
+    return {"process_seconds": seconds, "out": workdir / "ours.h5", "residues": total["residues_embedded"],
             "tokens": total["tokens"],
             "seconds": total["seconds"], "peak_host_bytes": total["peak_host_bytes"],
             "peak_device_bytes": total["peak_device_bytes"]}
