@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from extract.long_sequences import BatchLayout
+from extract.planning import concatenated_ranges
 
 OUTPUTS = ("mean", "bos", "per_tok")
 
@@ -44,9 +45,7 @@ def _kept_rows(offsets: np.ndarray, layout: BatchLayout) -> np.ndarray:
     """The rows of the residues the layout keeps, window by window (BOS is each window's row 0). Windows
     are in protein order, so these are each protein's embedded residues in order, proteins in batch order."""
     first = np.asarray(offsets)[:-1] + 1 + layout.keep_start  # each window's first kept row
-    counts = layout.keep_stop - layout.keep_start
-    kept_before = np.cumsum(counts) - counts  # kept rows of the windows before it
-    return np.repeat(first - kept_before, counts) + np.arange(counts.sum())
+    return concatenated_ranges(first, layout.keep_stop - layout.keep_start)
 
 
 def _to_host(pooled: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
