@@ -62,6 +62,7 @@ class Esm2Embedder:
         self.long_sequences = long_sequences
         self.truncation_seq_length = long_sequences.window
         self.outputs = [name for name in pooling.OUTPUTS if name in outputs]
+        # load_model put the weights there already: then this is a no-op, no copy.
         self.model = loaded.model.eval().to(device=device, dtype=dtype)
         self._converter = BatchConverter(loaded.alphabet, self.truncation_seq_length)
 

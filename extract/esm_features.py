@@ -95,10 +95,9 @@ def _positive_int(text: str) -> int:
 
 
 def _embedder(args: argparse.Namespace, loaded: LoadedModel, long_sequences: LongSequencePolicy,
-              placed_on: torch.device, device: torch.device) -> Esm2Embedder:
-    """ESM-2 as this job runs it on `device`; `placed_on` is where its weights are (meta: none)."""
-    return Esm2Embedder(loaded, placed_on, choose_dtype(args.dtype, device), args.repr_layers, long_sequences,
-                        args.include, args.attention)
+              placed_on: torch.device, dtype: torch.dtype) -> Esm2Embedder:
+    """ESM-2 as this job runs it; `placed_on` is where `load_model` put its weights (meta: none)."""
+    return Esm2Embedder(loaded, placed_on, dtype, args.repr_layers, long_sequences, args.include, args.attention)
 
 
 def _job_settings(args: argparse.Namespace, argv: list[str], embedder: Esm2Embedder) -> JobSettings:
@@ -129,8 +128,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         reused = runtime.leader_decides(identity, lambda: input_index.prepare(args.fasta, index_directory))
         inputs = input_index.load(index_directory)
         try:
-            loaded = load_model(args.model, lambda: runtime.local_leader_first(identity))
-            embedder = _embedder(args, loaded, long_sequences, device, device)
+            dtype = choose_dtype(args.dtype, device)
+            loaded = load_model(args.model, lambda: runtime.local_leader_first(identity), device, dtype)
+            embedder = _embedder(args, loaded, long_sequences, device, dtype)
             if identity.is_leader:
                 log.info("%d proteins from %d file(s), input index %s; model %s%s on %s in %s", len(inputs),
                          len(args.fasta), "reused (inputs unchanged)" if reused else "built", loaded.name,
@@ -149,8 +149,9 @@ def _dry_run(args: argparse.Namespace, argv: list[str], long_sequences: LongSequ
              world_size: int) -> None:
     saved = input_index.saved_if_current(args.fasta, input_index.directory_for(args.out))
     inputs = saved or input_index.build(args.fasta, None)
-    loaded = load_model(args.model, weights=False)
-    embedder = _embedder(args, loaded, long_sequences, torch.device("meta"), device)
+    dtype = choose_dtype(args.dtype, device)
+    loaded = load_model(args.model, device=torch.device("meta"), dtype=dtype)
+    embedder = _embedder(args, loaded, long_sequences, torch.device("meta"), dtype)
     lines = dry_run.describe(inputs, embedder, _job_settings(args, argv, embedder), world_size)
     if device.type == "cuda" and args.toks_per_batch == "auto":
         lines.append("note: on GPUs --toks-per-batch auto is sized from free memory once the model is loaded; "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-import warnings
 import zipfile
 from argparse import Namespace
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ ESM2_ARCHITECTURES = {
 HUB_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
 RANDOM_PREFIX = "random:"
 RANDOM_SEED = 0
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def fetch_hub_checkpoint(name: str) -> Path:
     return path
 
 
-def _load_checkpoint_file(path: Path, name: str) -> LoadedModel:
+def _read_checkpoint(path: Path) -> dict:
     try:
         # fair-esm checkpoints pickle an argparse Namespace, which weights_only refuses. Only the zip
         # layout (torch >= 1.6) can be memory-mapped; older checkpoints are read whole.
@@ -96,44 +96,74 @@ def _load_checkpoint_file(path: Path, name: str) -> LoadedModel:
         raise UserError(f"model {path}: not a readable PyTorch checkpoint ({reason})") from None
     if not (isinstance(data, dict) and "cfg" in data and "model" in data):
         raise UserError(f"model {path}: not a fair-esm ESM-2 checkpoint (no 'cfg' and 'model')")
-    with warnings.catch_warnings():
-        # Embeddings do not need the contact-regression weights fair-esm warns about.
-        warnings.simplefilter("ignore")
-        try:
-            model, alphabet = esm.pretrained.load_model_and_alphabet_core("esm2", data)
-        except (AttributeError, KeyError, RuntimeError) as err:
-            raise UserError(f"model {path}: not a usable ESM-2 checkpoint ({err})") from None
-    return LoadedModel(model, alphabet, name, random_weights=False)
+    return data
+
+
+def _load_checkpoint_file(path: Path, name: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """fair-esm's ESM-2 with the file's weights, each tensor converted once, straight into `dtype` on
+    `device`: the module is built on the meta device (no random initialisation, no memory) and takes the
+    tensors themselves (`assign`), so fp32 on the CPU uses the memory-mapped file's pages as they are."""
+    data = _read_checkpoint(path)
+    try:
+        with torch.device("meta"):  # fair-esm's own ESM-2 construction and state-dict upgrade
+            model, alphabet, state = esm.pretrained._load_model_and_alphabet_core_v2(data)
+        state = {key: _converted(value, device, dtype) for key, value in state.items()}
+        state.update(_zero_contact_regression(model, state, device, dtype))
+        model.load_state_dict(state, strict=True, assign=True)
+    except (AttributeError, KeyError, RuntimeError) as err:
+        problems = "; ".join(line.strip().rstrip(".") for line in str(err).splitlines()
+                             if not line.startswith("Error(s)"))
+        raise UserError(f"model {path}: not a usable ESM-2 checkpoint ({problems})") from None
+    # fair-esm ties the LM head's weight to the token embedding and copies the checkpoint's `lm_head.weight`
+    # into it last; assigning untied them, so tie them again on that same tensor.
+    model.embed_tokens.weight = model.lm_head.weight
+    return LoadedModel(model.eval(), alphabet, name, random_weights=False)
+
+
+def _converted(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Floating tensors (weights and the rotary `inv_freq` buffer alike, as `Module.to(dtype)` does) in
+    `dtype` on `device`: the tensor itself, no copy, where it is there already."""
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+
+
+def _zero_contact_regression(model: ESM2, state: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """fair-esm's published checkpoints keep the contact-regression weights in a separate file, and its loader
+    leaves them random; embeddings never use them, so they are zeros here (on `device`, so `to()` works)."""
+    regression = model.contact_head.regression
+    return {f"contact_head.regression.{name}": torch.zeros(param.shape, device=device, dtype=dtype)
+            for name, param in regression.named_parameters() if f"contact_head.regression.{name}" not in state}
 
 
 def load_model(spec: str, local_leader_first: Callable[[], ContextManager] = contextlib.nullcontext,
-               weights: bool = True) -> LoadedModel:
-    """Resolve a `--model` value; `local_leader_first` lets one process per node fetch first. Without
-    `weights` (a dry run) the model is built on the meta device: its shape only, nothing fetched or held."""
-    if not weights:
-        with torch.device("meta"):
-            return _resolve(spec, local_leader_first, fetch=False)
-    return _resolve(spec, local_leader_first, fetch=True)
-
-
-def _resolve(spec: str, local_leader_first: Callable[[], ContextManager], fetch: bool) -> LoadedModel:
+               device: torch.device = CPU, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Resolve a `--model` value into an ESM-2 in eval mode, its weights in `dtype` on `device`;
+    `local_leader_first` lets one process per node fetch first. On the meta device (a dry run) only the
+    model's shape is built: nothing fetched, nothing held."""
     if spec.startswith(RANDOM_PREFIX):
         name = spec[len(RANDOM_PREFIX) :]
         if name not in ESM2_ARCHITECTURES:
             raise UserError(f"model {spec}: unknown ESM-2 name; choose one of {', '.join(ESM2_ARCHITECTURES)}")
-        model = build_random_esm2(*ESM2_ARCHITECTURES[name])
+        model = _random_esm2_on(device, dtype, ESM2_ARCHITECTURES[name])
         return LoadedModel(model, model.alphabet, name, random_weights=True)
     if spec in ESM2_ARCHITECTURES:
-        if not fetch:  # the shape alone, on the meta device
-            model = build_random_esm2(*ESM2_ARCHITECTURES[spec])
+        if device.type == "meta":
+            model = _random_esm2_on(device, dtype, ESM2_ARCHITECTURES[spec])
             return LoadedModel(model, model.alphabet, spec, random_weights=False)
         with local_leader_first():
             path = fetch_hub_checkpoint(spec)
-        return _load_checkpoint_file(path, spec)
+        return _load_checkpoint_file(path, spec, device, dtype)
     path = Path(spec)
     if not path.is_file():
         raise UserError(
             f"model {spec}: no such file, and not a fair-esm ESM-2 name "
             f"({', '.join(ESM2_ARCHITECTURES)}) or random:<name>"
         )
-    return _load_checkpoint_file(path, path.stem)
+    return _load_checkpoint_file(path, path.stem, device, dtype)
+
+
+def _random_esm2_on(device: torch.device, dtype: torch.dtype, architecture: tuple[int, int, int]) -> ESM2:
+    """Seeded random weights are drawn on the CPU in fp32 (the same numbers whatever the device); on the
+    meta device nothing is drawn at all."""
+    with torch.device("meta" if device.type == "meta" else "cpu"):
+        model = build_random_esm2(*architecture)
+    return model.eval().to(device=device, dtype=dtype)

@@ -97,17 +97,28 @@ def _unusable_models(folder, tiny_model_path):
     data = tiny_model_path.read_bytes()
     (folder / "truncated.pt").write_bytes(data[: len(data) // 2])
     torch.save({"weights": torch.zeros(3)}, folder / "other.pt")
+    checkpoint = torch.load(tiny_model_path, weights_only=False)
+    weights = checkpoint["model"]
+    del weights["layers.1.fc2.bias"]
+    weights["layers.0.fc1.weight"] = torch.zeros(3, 3)
+    weights["encoder.extra.weight"] = torch.zeros(2)
+    torch.save(checkpoint, folder / "damaged.pt")
     return {
         "garbage": (folder / "garbage.pt", "not a readable PyTorch checkpoint (invalid load key, '#')"),
         "truncated": (folder / "truncated.pt", "not a readable PyTorch checkpoint (PytorchStreamReader failed "
                                                "reading zip archive: failed finding central directory)"),
         "not ESM-2": (folder / "other.pt", "not a fair-esm ESM-2 checkpoint (no 'cfg' and 'model')"),
         "missing": (folder / "missing.pt", "no such file, and not a fair-esm ESM-2 name"),
+        "damaged": (folder / "damaged.pt", 'not a usable ESM-2 checkpoint (Missing key(s) in state_dict: '
+                                           '"layers.1.fc2.bias"; Unexpected key(s) in state_dict: "extra.weight"; '
+                                           'size mismatch for layers.0.fc1.weight: copying a param with shape '
+                                           'torch.Size([3, 3]) from checkpoint, the shape in current model is '
+                                           'torch.Size([256, 64]))'),
         "unknown random": ("random:esm2_t99_1T", "unknown ESM-2 name; choose one of esm2_t6_8M_UR50D, "),
     }
 
 
-@pytest.mark.parametrize("case", ["garbage", "truncated", "not ESM-2", "missing", "unknown random"])
+@pytest.mark.parametrize("case", ["garbage", "truncated", "not ESM-2", "damaged", "missing", "unknown random"])
 def test_an_unusable_model_is_refused_before_any_work(tmp_path, tiny_model_path, capsys, case):
     model, problem = _unusable_models(tmp_path, tiny_model_path)[case]
     fasta = write_fasta(tmp_path / "in.fasta", random_proteins(3, max_len=30))
