@@ -13,6 +13,7 @@ from typing import Callable, ContextManager
 import esm
 import torch
 from esm.model.esm2 import ESM2
+from torch.overrides import TorchFunctionMode
 
 from extract.errors import UserError
 
@@ -67,6 +68,20 @@ def build_random_esm2(
         return ESM2(num_layers, embed_dim, attention_heads, alphabet="ESM-1b", token_dropout=True)
 
 
+class _ParametersOnMeta(TorchFunctionMode):
+    """Modules built inside get their parameters on the meta device (`torch.nn`'s layers allocate them with
+    `torch.empty`) and no initialiser runs; the rest, such as the rotary `inv_freq` buffer fair-esm computes,
+    is built on the CPU as usual. Arithmetic on meta tensors would import torch._dynamo: 1.5 s a process."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.empty:
+            kwargs = {**kwargs, "device": "meta"}
+        elif getattr(func, "__module__", None) == "torch.nn.init":
+            return kwargs["tensor"]  # every initialiser passes its tensor on by this keyword
+        return func(*args, **kwargs)
+
+
 def hub_checkpoint_path(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
 
@@ -105,7 +120,7 @@ def _load_checkpoint_file(path: Path, name: str, device: torch.device, dtype: to
     tensors themselves (`assign`), so fp32 on the CPU uses the memory-mapped file's pages as they are."""
     data = _read_checkpoint(path)
     try:
-        with torch.device("meta"):  # fair-esm's own ESM-2 construction and state-dict upgrade
+        with _ParametersOnMeta():  # fair-esm's own ESM-2 construction and state-dict upgrade
             model, alphabet, state = esm.pretrained._load_model_and_alphabet_core_v2(data)
         state = {key: _converted(value, device, dtype) for key, value in state.items()}
         state.update(_zero_contact_regression(model, state, device, dtype))
@@ -164,6 +179,6 @@ def load_model(spec: str, local_leader_first: Callable[[], ContextManager] = con
 def _random_esm2_on(device: torch.device, dtype: torch.dtype, architecture: tuple[int, int, int]) -> ESM2:
     """Seeded random weights are drawn on the CPU in fp32 (the same numbers whatever the device); on the
     meta device nothing is drawn at all."""
-    with torch.device("meta" if device.type == "meta" else "cpu"):
+    with _ParametersOnMeta() if device.type == "meta" else contextlib.nullcontext():
         model = build_random_esm2(*architecture)
     return model.eval().to(device=device, dtype=dtype)
