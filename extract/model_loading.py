@@ -1,4 +1,5 @@
-"""Loading ESM-2 once per rank: by fair-esm name, by path to a fair-esm `.pt`, or `random:<name>`."""
+"""Loading ESM-2 once per rank, straight into the compute dtype on its device: by fair-esm name, by path to a
+fair-esm `.pt`, or `random:<name>`."""
 
 from __future__ import annotations
 

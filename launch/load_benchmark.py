@@ -4,10 +4,11 @@
 
 Writes an ESM-2 of that shape with random weights in fair-esm's published layout (fp32, no
 contact-regression weights), then times, each in a fresh process: reading the file, our `load_model`
-into fp32 and into bf16 (fp32 also with every weight read once afterwards: memory-mapped weights are only
-read when first used), and fair-esm's own loader (then `.to(bfloat16)` for bf16). Before each timing the
-page cache is brought to the same state: warm (the file read once just before) and, with `--cold`, cold
-(caches dropped; needs root). The file is deleted at the end unless `--keep`.
+into fp32 and into bf16 on `--device` (fp32 also with every weight read once afterwards: memory-mapped
+weights are only read when first used), and fair-esm's own loader (then `.to(device, bfloat16)` for
+bf16). Before each timing the page cache is brought to the same state: warm (the file read once just
+before) and, with `--cold`, cold (caches dropped; needs root). The file is deleted at the end unless
+`--keep`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,9 +42,10 @@ def create_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="esm2_t36_3B_UR50D", choices=list(ESM2_ARCHITECTURES))
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where our loader puts the weights")
     parser.add_argument("--cold", action="store_true", help="also time with the page cache dropped (root)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint file")
-    parser.add_argument("--measure", nargs=2, metavar=("KIND", "PT"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", nargs=3, metavar=("KIND", "PT", "DEVICE"), help=argparse.SUPPRESS)
     return parser
 
 
@@ -68,8 +69,10 @@ def write_random_checkpoint(name: str, path: Path) -> int:
     return path.stat().st_size
 
 
-def measure(kind: str, path: Path) -> float:
+def measure(kind: str, path: Path, device: torch.device) -> float:
     """Seconds `kind` takes in this (fresh) process, imports excluded."""
+    if device.type == "cuda":
+        torch.cuda.init()  # the CUDA context is not the loader's time
     started = time.perf_counter()
     if kind == "file read":
         buffer = bytearray(READ_CHUNK)
@@ -77,14 +80,17 @@ def measure(kind: str, path: Path) -> float:
             while handle.readinto(buffer):
                 pass
     elif kind.startswith("ours"):
-        model = load_model(str(path), dtype=torch.bfloat16 if "bf16" in kind else torch.float32).model
+        dtype = torch.bfloat16 if "bf16" in kind else torch.float32
+        model = load_model(str(path), device=device, dtype=dtype).model
         if "first read" in kind:
             for tensor in model.state_dict().values():
                 tensor.max()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     else:
-        model = fair_esm_load(path)
-        if kind.endswith("bf16"):
-            model.to(torch.bfloat16)
+        model = fair_esm_load(path).to(device=device, dtype=torch.bfloat16 if kind.endswith("bf16") else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
@@ -107,8 +113,9 @@ def prepare_cache(path: Path, cache: str) -> None:
         subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
 
 
-def timed_in_fresh_process(kind: str, path: Path) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--measure", kind, str(path)], capture_output=True, text=True)
+def timed_in_fresh_process(kind: str, path: Path, device: str) -> dict:
+    command = [sys.executable, __file__, "--measure", kind, str(path), device]
+    done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"load_benchmark: {kind} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -120,14 +127,14 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
     path = workdir / f"{args.model}.pt"
     started = time.perf_counter()
     size = write_random_checkpoint(args.model, path)
-    print(json.dumps({"model": args.model, "file_GiB": round(size / 2**30, 2),
+    print(json.dumps({"model": args.model, "device": args.device, "file_GiB": round(size / 2**30, 2),
                       "written_in_s": round(time.perf_counter() - started, 1)}), flush=True)
     rows = []
     try:
         for cache in ["warm", "cold"] if args.cold else ["warm"]:
             for kind in KINDS:
                 prepare_cache(path, cache)
-                rows.append({"cache": cache, "what": kind, **timed_in_fresh_process(kind, path)})
+                rows.append({"cache": cache, "what": kind, **timed_in_fresh_process(kind, path, args.device)})
                 read = next(row["seconds"] for row in rows if row["cache"] == cache and row["what"] == "file read")
                 rows[-1]["x_file_read"] = round(rows[-1]["seconds"] / read, 2)
                 print(json.dumps(rows[-1]), flush=True)
@@ -137,13 +144,20 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory, the checkpoint's mapped pages included (`ru_maxrss` would not do:
+    Linux carries it over from the parent through fork and exec)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def main(argv: list[str] | None = None) -> int:
     args = create_parser().parse_args(argv)
     if args.measure:
-        kind, path = args.measure
-        seconds = measure(kind, Path(path))
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(json.dumps({"seconds": round(seconds, 2), "peak_rss_GiB": round(peak / 2**30, 2)}))
+        kind, path, device = args.measure
+        seconds = measure(kind, Path(path), torch.device(device))
+        print(json.dumps({"seconds": round(seconds, 2), "peak_rss_GiB": round(peak_resident_bytes() / 2**30, 2)}))
         return 0
     benchmark(args)
     return 0

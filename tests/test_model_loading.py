@@ -37,7 +37,8 @@ def test_fp32_load_gives_fair_esm_loaders_weights(tiny_model_path):
 def test_fp32_on_the_cpu_computes_on_the_files_own_pages(tiny_model_path):
     """No copy at all: every weight the embedder computes with lies in the checkpoint's memory mapping."""
     loaded = load_model(str(tiny_model_path))
-    embedder = Esm2Embedder(loaded, torch.device("cpu"), torch.float32, [-1], LongSequencePolicy.from_options("truncate", 1022, None))
+    policy = LongSequencePolicy.from_options("truncate", 1022, None)
+    embedder = Esm2Embedder(loaded, torch.device("cpu"), torch.float32, [-1], policy)
     ranges = _mapped_ranges(tiny_model_path.resolve())
     tensors = list(embedder.model.parameters()) + list(embedder.model.buffers())
     assert ranges and len(tensors) > 20
