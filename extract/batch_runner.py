@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -21,10 +21,12 @@ from extract.planning import plan_batches
 
 
 class Model(Protocol):
-    """What the runner needs of the model: rows' values, one row's with less peak memory (same values),
-    and the tokens a batch computes (given its rows' tokens per model input and model inputs)."""
+    """What the runner needs of the model: the host's share of a batch (`prepare`, which may run on another
+    thread, ahead of the forward), rows' values from it, one row's with less peak memory (same values), and
+    the tokens a batch computes (given its rows' tokens per model input and model inputs)."""
 
-    def embed(self, sequences: list[str]) -> dict[str, np.ndarray]: ...
+    def prepare(self, sequences: list[str]) -> Any: ...
+    def embed(self, inputs: Any) -> dict[str, np.ndarray]: ...
     def embed_low_memory(self, sequence: str) -> dict[str, np.ndarray]: ...
     def computed_tokens(self, tokens: np.ndarray, inputs: np.ndarray) -> int: ...
 
@@ -72,20 +74,32 @@ class BatchRunner:
         self.log = log
         self.stats = RunStats()
 
-    def run(self, batch: np.ndarray) -> None:
-        """Compute and write a planned batch (rows longest first), cut to the current budget first."""
-        if self._padded(batch) > self.budget:
-            pieces = plan_batches(batch, self.rows.tokens[batch], self.budget, self.rows.model_inputs[batch])
-            for piece in pieces.batches:
-                self._compute(piece)
-        else:
-            self._compute(batch)
+    def prepare(self, batch: np.ndarray) -> list[tuple[np.ndarray, Any]]:
+        """A planned batch (rows longest first) cut to the current budget, each piece with its model inputs."""
+        return [(piece, self.model.prepare(self.rows.fetch(piece))) for piece in self._pieces(batch)]
+
+    def run(self, prepared: list[tuple[np.ndarray, Any]]) -> None:
+        """Compute and write a prepared batch. A piece prepared before an out-of-memory error lowered the
+        budget is cut again, its inputs prepared anew."""
+        for rows, inputs in prepared:
+            if self._padded(rows) > self.budget:
+                for piece in self._pieces(rows):
+                    self._compute(piece)
+            else:
+                self._compute(rows, inputs)
+
+    def _pieces(self, rows: np.ndarray) -> list[np.ndarray]:
+        if self._padded(rows) <= self.budget:
+            return [rows]
+        return plan_batches(rows, self.rows.tokens[rows], self.budget, self.rows.model_inputs[rows]).batches
 
     def _padded(self, rows: np.ndarray) -> int:
         return int(self.rows.tokens[rows].max()) * int(self.rows.model_inputs[rows].sum())
 
-    def _compute(self, rows: np.ndarray) -> None:
-        values = _unless_out_of_memory(lambda: self.model.embed(self.rows.fetch(rows)))
+    def _compute(self, rows: np.ndarray, inputs: Any = None) -> None:
+        """Compute and write `rows`, from their `inputs` if prepared already."""
+        values = _unless_out_of_memory(
+            lambda: self.model.embed(self.model.prepare(self.rows.fetch(rows)) if inputs is None else inputs))
         if values is None:
             if rows.size > 1:
                 self._split(rows)

@@ -1,8 +1,10 @@
 """The engine: plan, run batches, write rows, resume, finish. It does not know which model it runs.
 
-The model is any object with the attributes of `Embedder` below; `embed` returns, per dataset, the
-batch's rows in batch order (for per-token datasets, every record's rows concatenated), and
-`embed_low_memory` the same for one row with less peak memory (the last retry after running out of memory).
+The model is any object with the attributes of `Embedder` below; `prepare` makes a batch's inputs from its
+sequences on the host, `embed` returns from them, per dataset, the batch's rows in batch order (for
+per-token datasets, every record's rows concatenated), and `embed_low_memory` the same for one row with
+less peak memory (the last retry after running out of memory). Batches are read and prepared on a thread
+ahead of the model, and written on another behind it, so the device does not wait for the host.
 Stop requests (signals) are acted on between batches, after the rows written so far are durable.
 """
 
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from extract import output_file, progress, run_report, stopping
+from extract.background import RunAhead, RunBehind
 from extract.batch_runner import BatchRunner, Model, Rows
 from extract.errors import JobError, UserError
 from extract.input_index import InputIndex
@@ -30,9 +33,11 @@ from extract.run_report import RankStats
 from extract.runtime import RankIdentity, barrier, gather, leader_decides
 
 FAILED_IDS_SHOWN = 10
+BATCHES_AHEAD = 2  # batches read and made into model inputs on a thread while the current one computes
+WRITES_QUEUED = 1  # computed batches waiting for their write while another is written, on a thread
 
 
-class Embedder(Model, Protocol):  # Model: embed(sequences) and embed_low_memory(sequence)
+class Embedder(Model, Protocol):  # Model: prepare(sequences), embed(inputs), embed_low_memory(sequence)
     device: torch.device
 
     def datasets(self) -> list[RowDataset]: ...
@@ -139,10 +144,14 @@ def _compute_rows(identity: RankIdentity, inputs: InputIndex, embedder: Embedder
         lengths = np.asarray(inputs.lengths)
         rows = Rows(store.fetch, inputs.ids, lengths, embedder.residues_embedded(lengths),
                     embedder.tokens_per_row(lengths), embedder.inputs_per_row(lengths))
-        runner = BatchRunner(embedder, rows, copies.write, job.toks_per_batch, log)
-        for batch in mine:
-            stopping.raise_if_requested()
-            runner.run(batch)
+        # Exits in reverse order: the thread preparing batches stops, every queued write is finished (or its
+        # failure raised), and only then does the writer make the done flags durable and close.
+        with RunBehind(copies.write, WRITES_QUEUED, "esm-features writes") as writes:
+            runner = BatchRunner(embedder, rows, writes.submit, job.toks_per_batch, log)
+            with RunAhead(map(runner.prepare, mine), BATCHES_AHEAD, "esm-features inputs") as batches:
+                for prepared in batches:
+                    stopping.raise_if_requested()
+                    runner.run(prepared)
     ran = runner.stats
     log.info("wrote %d rows (%d residues), %d of them computed, in %d batches", copies.rows, copies.residues,
              ran.rows, len(mine))

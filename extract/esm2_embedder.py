@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -12,7 +13,7 @@ from extract import pooling
 from extract.errors import UserError
 from extract.esm2_chunked_attention import chunked_forward
 from extract.esm2_forward import PADDED, cumulative_offsets, default_packing, embed_batch
-from extract.long_sequences import LongSequencePolicy
+from extract.long_sequences import BatchLayout, LongSequencePolicy
 from extract.model_loading import LoadedModel
 from extract.output_file import RowDataset
 
@@ -45,6 +46,14 @@ def resolve_layers(requested: Sequence[int], num_layers: int) -> list[int]:
         if absolute not in layers:
             layers.append(absolute)
     return layers
+
+
+@dataclass(frozen=True)
+class Esm2Inputs:
+    """A batch's model inputs, made on the host: its windows, and their padded tokens."""
+
+    layout: BatchLayout
+    tokens: torch.Tensor  # (windows, tokens)
 
 
 class Esm2Embedder:
@@ -93,11 +102,15 @@ class Esm2Embedder:
             "compute_dtype": dtype_name(self.dtype),
         }
 
-    @torch.inference_mode()
-    def embed(self, sequences: list[str]) -> dict[str, np.ndarray]:
+    def prepare(self, sequences: list[str]) -> Esm2Inputs:
+        """The host's share of a batch (run ahead of the forward, on another thread): windows and tokens."""
         layout = self.long_sequences.layout(np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences)))
-        rows, offsets = self._rows(self._tokens(layout.window_sequences(sequences)))
-        return pooling.pool(rows, offsets.numpy(), layout, self.outputs)
+        return Esm2Inputs(layout, self._tokens(layout.window_sequences(sequences)))
+
+    @torch.inference_mode()
+    def embed(self, inputs: Esm2Inputs) -> dict[str, np.ndarray]:
+        rows, offsets = self._rows(inputs.tokens)
+        return pooling.pool(rows, offsets.numpy(), inputs.layout, self.outputs)
 
     def _rows(self, tokens: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Every real token's row per layer, windows concatenated, and the host offsets of the windows;

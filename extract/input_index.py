@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from extract import fasta
-from extract.errors import UserError
+from extract.errors import JobError, UserError
 
 FORMAT = "esm-features input index 1"
 MANIFEST, SEQUENCES, LENGTHS, REPRESENTATIVES, IDS = (
@@ -91,11 +91,21 @@ class SequenceStore:
     def __init__(self, path: Path, lengths: np.ndarray):
         self._starts = np.cumsum(lengths + 1) - lengths  # each sequence follows a '>'
         self._lengths = lengths
+        self._path = path
         self._fd = os.open(path, os.O_RDONLY)
 
     def fetch(self, rows: np.ndarray) -> list[str]:
-        return [os.pread(self._fd, length, start).decode()
-                for start, length in zip(self._starts[rows].tolist(), self._lengths[rows].tolist())]
+        """The rows' sequences; JobError if the file cannot be read or no longer holds them all."""
+        lengths = self._lengths[rows].tolist()
+        try:
+            chunks = [os.pread(self._fd, length, start) for start, length in zip(self._starts[rows].tolist(), lengths)]
+        except OSError as err:
+            raise JobError(f"{self._path}: cannot read the input index ({err.strerror}); "
+                           f"rerun the same command to resume") from None
+        if sum(map(len, chunks)) != sum(lengths):
+            raise JobError(f"{self._path}: ends before the sequences it should hold; the input index is damaged: "
+                           f"remove {self._path.parent} and rerun the same command to resume")
+        return [chunk.decode() for chunk in chunks]
 
     def __enter__(self) -> "SequenceStore":
         return self

@@ -38,13 +38,12 @@ class OutOfMemoryAbove:
     def __getattr__(self, name):  # device, datasets, tokens_per_row, ...: the real embedder's
         return getattr(self.inner, name)
 
-    def embed(self, sequences):
-        lengths = np.array([len(s) for s in sequences])
-        padded = int(self.inner.tokens_per_row(lengths).max()) * int(self.inner.inputs_per_row(lengths).sum())
+    def embed(self, inputs):
+        padded = inputs.tokens.numel()  # (windows, tokens of the longest)
         self.attempts.append((padded, padded > self.max_tokens))
         if padded > self.max_tokens:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {padded} tokens' worth")
-        return self.inner.embed(sequences)
+        return self.inner.embed(inputs)
 
     def embed_low_memory(self, sequence):
         self.low_memory_lengths.append(len(sequence))
