@@ -14,10 +14,9 @@ from esm.model.esm2 import ESM2
 from esm.modules import gelu
 from esm.multihead_attention import MultiheadAttention
 
-ATTENTION_CHUNK = 128  # queries per block of attention scores
+from extract.esm2_forward import MASK_RATIO_TRAIN
 
-# fair-esm's token-dropout rescaling: training masked 15% of tokens and replaced 80% of those by <mask>.
-MASK_RATIO_TRAIN = 0.15 * 0.8
+ATTENTION_CHUNK = 128  # queries per block of attention scores
 
 
 def chunked_forward(model: ESM2, tokens: torch.Tensor, repr_layers: list[int],
