@@ -124,13 +124,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         return
     with stopping.stop_on_signals(), runtime.process_group(identity, device), \
             output_lock.held_by_leader(identity, args.out, log):
+        # The model first: it loads in moments (memory-mapped), while reading millions of proteins takes
+        # minutes that a bad --model should not cost.
+        dtype = choose_dtype(args.dtype, device)
+        loaded = load_model(args.model, lambda: runtime.local_leader_first(identity), device, dtype)
+        embedder = _embedder(args, loaded, long_sequences, device, dtype)
         index_directory = input_index.directory_for(args.out)
         reused = runtime.leader_decides(identity, lambda: input_index.prepare(args.fasta, index_directory))
         inputs = input_index.load(index_directory)
         try:
-            dtype = choose_dtype(args.dtype, device)
-            loaded = load_model(args.model, lambda: runtime.local_leader_first(identity), device, dtype)
-            embedder = _embedder(args, loaded, long_sequences, device, dtype)
             if identity.is_leader:
                 log.info("%d proteins from %d file(s), input index %s; model %s%s on %s in %s", len(inputs),
                          len(args.fasta), "reused (inputs unchanged)" if reused else "built", loaded.name,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from extract.esm_features import main
+from extract.model_loading import ESM2_ARCHITECTURES
 from extract.output_lock import lock_path
 from job_control import start_extract, wait_for_done_rows
 from jobs import random_proteins, run_extract, write_fasta
@@ -130,3 +131,13 @@ def test_an_unusable_model_is_refused_before_any_work(tmp_path, tiny_model_path,
     assert err.strip().splitlines()[-1].startswith(f"esm_features: error: model {model}: {problem}"), err
     assert "Traceback" not in err
     assert list(out.parent.iterdir()) == []
+
+
+def test_a_bad_model_is_refused_before_the_inputs_are_read(tmp_path, capsys):
+    out = tmp_path / "out.h5"
+    code = main(["--model", str(tmp_path / "missing.pt"), "--fasta", str(tmp_path / "missing.fasta"), "--out", str(out)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (f"esm_features: error: model {tmp_path / 'missing.pt'}: no such file, "
+                                               f"and not a fair-esm ESM-2 name ({', '.join(ESM2_ARCHITECTURES)}) "
+                                               f"or random:<name>")
+    assert list(tmp_path.iterdir()) == []
