@@ -95,19 +95,20 @@ def fair_esm_extract(args: argparse.Namespace) -> dict:
 
 
 def prepare(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, dict]:
-    """One checkpoint file in fair-esm's layout and one FASTA both tools read."""
-    loaded = load_model(args.model)
-    model_path = workdir / f"{loaded.name}.pt"
-    torch.save(fair_esm_checkpoint(loaded.model), model_path)
+    """One checkpoint file in fair-esm's layout (kept in `workdir` for the next run: random weights are
+    seeded, so it is the same file every time) and one FASTA both tools read."""
+    shape_only = load_model(args.model, device=torch.device("meta"))
+    model, model_path = shape_only.model, workdir / f"{shape_only.name}.pt"
+    if not model_path.exists():
+        torch.save(fair_esm_checkpoint(load_model(args.model).model), model_path)
     inputs = read_inputs([args.fasta])
     count = len(inputs) if args.limit is None else min(args.limit, len(inputs))
     fasta = workdir / "proteins.fasta"
     with open(fasta, "w") as out:
         for i in range(count):
             out.write(f">{inputs.ids[i]}\n{inputs.sequences[i]}\n")
-    model = loaded.model
     tokens_per_sequence = np.minimum(inputs.lengths[:count], 1022) + 2
-    shape = {"name": loaded.name, "layers": model.num_layers, "embed_dim": model.embed_dim,
+    shape = {"name": model_path.stem, "layers": model.num_layers, "embed_dim": model.embed_dim,
              "random_weights": args.model.startswith(RANDOM_PREFIX), "proteins": count,
              "model_flops": model_flops(model.num_layers, model.embed_dim, tokens_per_sequence)}
     return model_path, fasta, shape
