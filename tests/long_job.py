@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
 
+from extract.output_lock import lock_path
 from fair_esm_reference import fair_esm_means, load_fair_esm
+from job_control import start_extract, wait_for_done_rows
 from jobs import random_proteins, run_extract, write_fasta
 
 ROWS = 400
@@ -41,6 +46,32 @@ class LongJob:
         done = data["done"].astype(bool)
         np.testing.assert_allclose(data[LAYER][done], reference[LAYER][done], rtol=0, atol=1e-5)
         return data["done"]
+
+    def fail_mid_run_then_resume(self, out: Path, break_it: Callable[[subprocess.Popen], Callable[[], None]],
+                                 last_line: str) -> None:
+        """Freeze the job once 10 rows are done, `break_it(job)` (which returns how to repair it), thaw it: the
+        job must stop with `last_line` and exit 1, release its lock and keep every row it marked done, correct
+        and the file incomplete; once repaired, the same command must resume and complete the file."""
+        job = start_extract(self.args(out))
+        wait_for_done_rows(out, job, 10)
+        job.send_signal(signal.SIGSTOP)
+        repair = break_it(job)
+        job.send_signal(signal.SIGCONT)
+        _, err = job.communicate(timeout=120)
+
+        assert job.returncode == 1
+        assert err.strip().splitlines()[-1] == f"esm_features: error: {last_line}"
+        assert "Traceback" not in err
+        assert not lock_path(out).exists()
+        assert read_output(out)["status"] == "incomplete"
+        done = self.assert_done_rows_correct(out)
+        assert 10 <= done.sum() < done.size
+
+        repair()
+        rerun = run_extract(self.args(out))
+        assert rerun.returncode == 0, rerun.stderr
+        assert f"rows: {done.size - done.sum():,} to write" in rerun.stderr
+        self.assert_complete_and_equal(out)
 
     def assert_complete_and_equal(self, out: Path) -> None:
         data, reference = read_output(out), read_output(self.reference)

@@ -13,8 +13,8 @@ from extract.esm_features import main
 from extract.model_loading import ESM2_ARCHITECTURES
 from extract.output_lock import lock_path
 from job_control import start_extract, wait_for_done_rows
-from jobs import random_proteins, run_extract, write_fasta
-from long_job import LAYER, read_output
+from jobs import random_proteins, write_fasta
+from long_job import LAYER
 
 
 def test_a_second_job_on_the_same_output_is_refused(tmp_path, long_job, capsys):
@@ -40,30 +40,9 @@ def test_a_second_job_on_the_same_output_is_refused(tmp_path, long_job, capsys):
 
 
 def _writes_fail_mid_run_then_rerun_resumes(long_job, out, block_writes, reason):
-    """Stop the job's writes mid-run with `block_writes(job) -> undo`; the job must stop with one line and
-    keep what it wrote; after `undo()`, the same command must complete the file."""
-    job = start_extract(long_job.args(out))
-    wait_for_done_rows(out, job, 10)
-    job.send_signal(signal.SIGSTOP)
-    undo = block_writes(job)
-    job.send_signal(signal.SIGCONT)
-    _, err = job.communicate(timeout=120)
-
-    assert job.returncode == 1
-    assert err.strip().splitlines()[-1] == (
-        f"esm_features: error: {out}: cannot write rows ({reason}); every row marked done so far is kept; "
-        f"free space (or raise the file-size limit) and rerun the same command to resume")
-    assert "Traceback" not in err
-    assert not lock_path(out).exists()
-    assert read_output(out)["status"] == "incomplete"
-    done = long_job.assert_done_rows_correct(out)
-    assert done.sum() >= 10
-
-    undo()
-    rerun = run_extract(long_job.args(out))
-    assert rerun.returncode == 0, rerun.stderr
-    assert f"rows: {done.size - done.sum():,} to write" in rerun.stderr
-    long_job.assert_complete_and_equal(out)
+    long_job.fail_mid_run_then_resume(out, block_writes, f"{out}: cannot write rows ({reason}); every row marked "
+                                      f"done so far is kept; free space (or raise the file-size limit) and rerun "
+                                      f"the same command to resume")
 
 
 def test_a_full_disk_stops_the_job_and_a_rerun_resumes(small_file_system, long_job):
