@@ -103,8 +103,8 @@ class SequenceStore:
             raise JobError(f"{self._path}: cannot read the input index ({err.strerror}); "
                            f"rerun the same command to resume") from None
         if sum(map(len, chunks)) != sum(lengths):
-            raise JobError(f"{self._path}: ends before the sequences it should hold; the input index is damaged: "
-                           f"remove {self._path.parent} and rerun the same command to resume")
+            raise JobError(f"{self._path}: ends before the sequences it should hold; the input index is damaged; "
+                           f"rerun the same command to resume (it reads the inputs again)")
         return [chunk.decode() for chunk in chunks]
 
     def __enter__(self) -> "SequenceStore":
@@ -131,11 +131,13 @@ def load(directory: Path) -> InputIndex:
 
 def saved_if_current(paths: Sequence[Path], directory: Path) -> InputIndex | None:
     """The index saved in `directory` if it was built from `paths` as they are now (same sizes and
-    modification times), else None."""
+    modification times) and holds all their sequences, else None."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
         if manifest["format"] == FORMAT and manifest["inputs"] == _input_stats(paths):
-            return load(directory)
+            index = load(directory)
+            if (directory / SEQUENCES).stat().st_size == int((index.lengths + 1).sum()):  # '>' before each
+                return index
     except (OSError, ValueError, KeyError):
         pass
     return None

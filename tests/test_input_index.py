@@ -46,6 +46,18 @@ def test_saved_index_is_reused_until_an_input_changes(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["in.fasta", "out.h5.inputs"]
 
 
+def test_a_saved_index_missing_sequences_is_built_again(tmp_path):
+    fasta = write_fasta(tmp_path / "in.fasta", RECORDS)
+    directory = input_index.directory_for(tmp_path / "out.h5")
+    input_index.prepare([fasta], directory)
+    stored = (directory / input_index.SEQUENCES).read_bytes()
+    (directory / input_index.SEQUENCES).write_bytes(stored[:-1])  # a copy cut short, a full disk
+    assert input_index.saved_if_current([fasta], directory) is None
+    assert input_index.prepare([fasta], directory) is False
+    assert (directory / input_index.SEQUENCES).read_bytes() == stored
+    assert input_index.prepare([fasta], directory) is True
+
+
 def test_bad_input_leaves_no_index_behind(tmp_path):
     fasta = write_fasta(tmp_path / "in.fasta", [("a", "MKV"), ("a", "MKW")])
     with pytest.raises(UserError) as err:
