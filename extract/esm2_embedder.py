@@ -161,7 +161,7 @@ def memory_token_budget(free_bytes: int, dtype: torch.dtype, embed_dim: int, lay
     MAX_TOKEN_BUDGET (batches big enough to fill the device, small enough to keep ranks balanced).
 
     Per token, in the compute dtype: about 20 rows of `embed_dim` live at a layer's peak (residual,
-    norm, q|k|v and their contiguous copies, context, the 4x MLP hidden and its GELU) plus one per
+    norm, q, k, v and their rotated copies, context, the 4x MLP hidden and its GELU) plus one per
     layer kept for the outputs; in fp32: q and k rotated, and the kept residues summed for the means.
     `scores_per_token` counts the attention scores a forward materialises per token and head (fair-esm's:
     the window; none for SDPA's kernels), held in fp32 with their softmax."""
