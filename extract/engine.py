@@ -114,8 +114,20 @@ def prepare_output(inputs: InputIndex, embedder: Embedder, job: JobSettings, log
 def plan_job(inputs: InputIndex, embedder: Embedder, job: JobSettings, pending: np.ndarray) -> Work:
     """The plan every rank computes alike (and a dry run shows) for the `pending` rows."""
     lengths = np.asarray(inputs.lengths)
-    return plan_work(pending, inputs.representatives if job.dedupe else None, embedder.tokens_per_row(lengths),
-                     job.toks_per_batch, embedder.inputs_per_row(lengths))
+    row = _row_number_dtype(inputs)
+    sources = np.asarray(inputs.representatives, dtype=row) if job.dedupe else None
+    return plan_work(pending.astype(row), sources, _counts(embedder.tokens_per_row(lengths)), job.toks_per_batch,
+                     _counts(embedder.inputs_per_row(lengths)))
+
+
+def _row_number_dtype(inputs: InputIndex) -> type:
+    """32 bits while the rows fit: every rank holds several arrays of row numbers as long as the input."""
+    return np.int32 if len(inputs) < 2**31 else np.int64
+
+
+def _counts(per_row: np.ndarray) -> np.ndarray:
+    """Per-row counts (tokens, windows, residues: each well below 2**31) in 32 bits."""
+    return per_row.astype(np.int32)
 
 
 def _values_for(take: np.ndarray, values: Mapping[str, np.ndarray], token_counts: np.ndarray,
@@ -142,8 +154,8 @@ def _compute_rows(identity: RankIdentity, inputs: InputIndex, embedder: Embedder
         log.info("%d of the batches are this rank's", len(mine))
         copies = _Copies(work, writer, inputs, embedder)
         lengths = np.asarray(inputs.lengths)
-        rows = Rows(store.fetch, inputs.ids, lengths, embedder.residues_embedded(lengths),
-                    embedder.tokens_per_row(lengths), embedder.inputs_per_row(lengths))
+        rows = Rows(store.fetch, inputs.ids, lengths, _counts(embedder.residues_embedded(lengths)),
+                    _counts(embedder.tokens_per_row(lengths)), _counts(embedder.inputs_per_row(lengths)))
         # Exits in reverse order: the thread preparing batches stops, every queued write is finished (or its
         # failure raised), and only then does the writer make the done flags durable and close.
         with RunBehind(copies.write, WRITES_QUEUED, "esm-features writes") as writes:
