@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from extract import output_file
-from extract.engine import Embedder, JobSettings, file_layout, file_settings, plan_job, resumable_status
+from extract.engine import Embedder, JobSettings, RowCounts, file_layout, file_settings, plan_job, resumable_status
 from extract.input_index import InputIndex
 
 
@@ -41,5 +41,5 @@ def describe(inputs: InputIndex, embedder: Embedder, job: JobSettings, world_siz
         f"{inputs.distinct:,} distinct sequences",
         "settings: " + ", ".join(f"{name} {value}" for name, value in settings.items()),
         f"output: {output}",
-        *plan_job(inputs, embedder, job, pending).describe(inputs.lengths, world_size),
+        *plan_job(inputs, RowCounts.of(inputs, embedder), job, pending).describe(inputs.lengths, world_size),
     ]

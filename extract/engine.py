@@ -111,23 +111,29 @@ def prepare_output(inputs: InputIndex, embedder: Embedder, job: JobSettings, log
     return output_file.INCOMPLETE
 
 
-def plan_job(inputs: InputIndex, embedder: Embedder, job: JobSettings, pending: np.ndarray) -> Work:
+@dataclass(frozen=True)
+class RowCounts:
+    """What the model makes of each row, in 32 bits (each count is far below 2**31): the tokens of each of
+    its model inputs, its model inputs, and the residues its outputs cover."""
+
+    tokens: np.ndarray
+    inputs: np.ndarray
+    embedded: np.ndarray
+
+    @classmethod
+    def of(cls, inputs: InputIndex, embedder: Embedder) -> "RowCounts":
+        lengths = np.asarray(inputs.lengths)
+        return cls(*(counts.astype(np.int32) for counts in (embedder.tokens_per_row(lengths),
+                                                             embedder.inputs_per_row(lengths),
+                                                             embedder.residues_embedded(lengths))))
+
+
+def plan_job(inputs: InputIndex, counts: RowCounts, job: JobSettings, pending: np.ndarray) -> Work:
     """The plan every rank computes alike (and a dry run shows) for the `pending` rows."""
-    lengths = np.asarray(inputs.lengths)
-    row = _row_number_dtype(inputs)
+    # Row numbers in 32 bits while they fit: every rank holds several arrays of them as long as the input.
+    row = np.int32 if len(inputs) < 2**31 else np.int64
     sources = np.asarray(inputs.representatives, dtype=row) if job.dedupe else None
-    return plan_work(pending.astype(row), sources, _counts(embedder.tokens_per_row(lengths)), job.toks_per_batch,
-                     _counts(embedder.inputs_per_row(lengths)))
-
-
-def _row_number_dtype(inputs: InputIndex) -> type:
-    """32 bits while the rows fit: every rank holds several arrays of row numbers as long as the input."""
-    return np.int32 if len(inputs) < 2**31 else np.int64
-
-
-def _counts(per_row: np.ndarray) -> np.ndarray:
-    """Per-row counts (tokens, windows, residues: each well below 2**31) in 32 bits."""
-    return per_row.astype(np.int32)
+    return plan_work(pending.astype(row), sources, counts.tokens, job.toks_per_batch, counts.inputs)
 
 
 def _values_for(take: np.ndarray, values: Mapping[str, np.ndarray], token_counts: np.ndarray,
@@ -146,16 +152,16 @@ def _compute_rows(identity: RankIdentity, inputs: InputIndex, embedder: Embedder
     started = time.monotonic()
     with RowWriter(job.out, embedder.datasets()) as writer, inputs.sequences() as store:
         barrier()  # every rank plans from the same /done flags: none writes before all have read them
-        work = plan_job(inputs, embedder, job, writer.pending_rows())
+        counts = RowCounts.of(inputs, embedder)
+        work = plan_job(inputs, counts, job, writer.pending_rows())
         mine = work.plan.for_rank(identity.rank, identity.world_size)
         if identity.is_leader:
             for line in work.describe(inputs.lengths, identity.world_size):
                 log.info("%s", line)
         log.info("%d of the batches are this rank's", len(mine))
         copies = _Copies(work, writer, inputs, embedder)
-        lengths = np.asarray(inputs.lengths)
-        rows = Rows(store.fetch, inputs.ids, lengths, _counts(embedder.residues_embedded(lengths)),
-                    _counts(embedder.tokens_per_row(lengths)), _counts(embedder.inputs_per_row(lengths)))
+        rows = Rows(store.fetch, inputs.ids, np.asarray(inputs.lengths), counts.embedded, counts.tokens,
+                    counts.inputs)
         # Exits in reverse order: the thread preparing batches stops, every queued write is finished (or its
         # failure raised), and only then does the writer make the done flags durable and close.
         with RunBehind(copies.write, WRITES_QUEUED, "esm-features writes") as writes:
