@@ -159,7 +159,7 @@ def _compute_rows(identity: RankIdentity, inputs: InputIndex, embedder: Embedder
             for line in work.describe(inputs.lengths, identity.world_size):
                 log.info("%s", line)
         log.info("%d of the batches are this rank's", len(mine))
-        copies = _Copies(work, writer, inputs, embedder)
+        copies = _Copies(work, writer, inputs.lengths, counts.embedded, embedder.datasets())
         rows = Rows(store.fetch, inputs.ids, np.asarray(inputs.lengths), counts.embedded, counts.tokens,
                     counts.inputs)
         # Exits in reverse order: the thread preparing batches stops, every queued write is finished (or its
@@ -182,16 +182,16 @@ def _compute_rows(identity: RankIdentity, inputs: InputIndex, embedder: Embedder
 class _Copies:
     """Writes computed rows' values to every pending row that takes them (identical sequences)."""
 
-    def __init__(self, work: Work, writer: RowWriter, inputs: InputIndex, embedder: Embedder):
-        self.work, self.writer, self.inputs, self.embedder = work, writer, inputs, embedder
+    def __init__(self, work: Work, writer: RowWriter, lengths: np.ndarray, embedded: np.ndarray,
+                 datasets: list[RowDataset]):
+        self.work, self.writer, self.lengths, self.embedded, self.datasets = work, writer, lengths, embedded, datasets
         self.rows = self.residues = 0
 
     def write(self, computed: np.ndarray, values: Mapping[str, np.ndarray]) -> None:
         targets, take = self.work.copies(computed)
-        token_counts = self.embedder.residues_embedded(self.inputs.lengths[computed])
-        self.writer.write(targets, _values_for(take, values, token_counts, self.embedder.datasets()))
+        self.writer.write(targets, _values_for(take, values, self.embedded[computed], self.datasets))
         self.rows += targets.size
-        self.residues += int(self.inputs.lengths[targets].sum())
+        self.residues += int(self.lengths[targets].sum())
 
 
 def _failed_rows_error(job: JobSettings, failed_ids: list[str]) -> JobError:

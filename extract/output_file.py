@@ -156,7 +156,16 @@ def mark_complete(path: Path, extra_attrs: Mapping) -> np.ndarray:
         f.attrs.update({k: _attr(v) for k, v in extra_attrs.items()})
         if missing.size == 0:
             f.attrs["status"] = COMPLETE
+    _sync(path)  # "complete" is said only once the file says so durably
     return missing
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class DoneFlags:

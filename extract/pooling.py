@@ -29,7 +29,7 @@ def pool(rows: dict[int, torch.Tensor], offsets: np.ndarray, layout: BatchLayout
     embedded = torch.as_tensor(layout.embedded, device=device)
     pooled = {}
     for layer, values in rows.items():
-        residues = values.index_select(0, kept)
+        residues = values.index_select(0, kept) if {"mean", "per_tok"} & set(outputs) else None
         if "mean" in outputs:
             # segment_reduce sums each protein's rows in order (no atomics): the same result on every run.
             sums = torch.segment_reduce(residues.float(), "sum", lengths=embedded)

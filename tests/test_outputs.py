@@ -76,6 +76,19 @@ def test_every_output_of_several_layers_matches_fair_esm_truncated_rows_included
     assert attrs["status"] == "complete" and attrs["storage_dtype"] == "float32"
 
 
+def test_bos_alone_is_fair_esms_bos_and_nothing_else(tmp_path, tiny_model_path, phage_dir):
+    records = phage_sample(phage_dir, 5, long=1)
+    out = tmp_path / "bos.h5"
+    done = run_extract(_job(tiny_model_path, write_fasta(tmp_path / "in.fasta", records), out, "--include", "bos"))
+    assert done.returncode == 0, done.stderr
+    model, alphabet = load_fair_esm(tiny_model_path)
+    expected = fair_esm_tokens(model, alphabet, [seq for _, seq in records], [2])
+    data, attrs = _read(out)
+    assert sorted(name for name in data if "/" in name) == ["bos/layer_2"] and attrs["status"] == "complete"
+    for row, reps in enumerate(expected):
+        assert np.abs(data["bos/layer_2"][row] - reps[2][0]).max() <= 1e-4
+
+
 def test_float16_is_the_float32_result_rounded_once_in_half_the_file(phage_runs):
     single, _ = _read(phage_runs["float32"][0])
     half, attrs = _read(phage_runs["float16"][0])
