@@ -86,12 +86,12 @@ def esm2_representations(model: ESM2, tokens: torch.Tensor, repr_layers: Iterabl
     x = _embed(model, tokens, masked, real.sum(1)[:, None, None]) * real.unsqueeze(-1)
     # SDPA's boolean mask marks the keys to attend to; without padding the unmasked kernels are faster.
     attn_mask = real[:, None, None, :] if not real.all() else None
-    cos, sin = _rotary_tables(model, torch.arange(length, device=tokens.device))
+    cos, sin = rotary_tables(model, torch.arange(length, device=tokens.device))
     heads = model.attention_heads
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = (rows.view(batch, length, heads, -1) for rows in (q, k, v))
-        q, k = (_rotate(rows, cos, sin).to(v.dtype) for rows in (q, k))
+        q, k = (rotate(rows, cos, sin).to(v.dtype) for rows in (q, k))
         context = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=attn_mask)
         return context.transpose(1, 2).reshape(batch * length, -1)
 
@@ -113,14 +113,14 @@ def esm2_packed_representations(
     masked_so_far = F.pad((tokens == model.mask_idx).cumsum(0), (1, 0))
     masked = masked_so_far[bounds[1:]] - masked_so_far[bounds[:-1]]
     x = _embed(model, tokens, masked[sequence, None], bounds.diff()[sequence, None])
-    cos, sin = _rotary_tables(model, (torch.arange(tokens.numel()) - cu_seqlens[host_sequence]).to(device))
+    cos, sin = rotary_tables(model, (torch.arange(tokens.numel()) - cu_seqlens[host_sequence]).to(device))
     heads = model.attention_heads
     varlen_attention = _jagged_attention(cu_seqlens, bounds) if packing == JAGGED else \
         _per_sequence_attention(cu_seqlens.tolist())
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = (rows.view(rows.shape[0], heads, -1) for rows in (q, k, v))
-        q, k = (_rotate(rows, cos, sin).to(v.dtype) for rows in (q, k))
+        q, k = (rotate(rows, cos, sin).to(v.dtype) for rows in (q, k))
         return varlen_attention(q, k, v).reshape(v.shape[0], -1)
 
     return _encode(model, x, layers, attend)
@@ -176,7 +176,7 @@ def _embed(model: ESM2, tokens: torch.Tensor, masked: torch.Tensor, lengths: tor
     return x
 
 
-def _rotary_tables(model: ESM2, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(model: ESM2, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos and sin of RoFormer's angles, (positions, 1, head_dim), to broadcast over heads.
 
     The inverse frequencies are recomputed as fair-esm's RotaryEmbedding computes them, because its
@@ -188,7 +188,7 @@ def _rotary_tables(model: ESM2, positions: torch.Tensor) -> tuple[torch.Tensor, 
     return angles.cos(), angles.sin()
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin in fp32, where rotate_half(x1, x2) = (-x2, x1)."""
     x = x.float()
     half = x.shape[-1] // 2
