@@ -135,16 +135,18 @@ def run_fair_esm(args: argparse.Namespace, model_path: Path, fasta: Path, workdi
 
 
 def run_ours(args: argparse.Namespace, model_path: Path, fasta: Path, workdir: Path) -> dict:
-    report = workdir / "report.json"
+    report_path = workdir / "report.json"
     command = [sys.executable, str(REPO / "extract" / "esm_features.py"), "--model", str(model_path),
                "--fasta", str(fasta), "--out", str(workdir / "ours.h5"), "--overwrite", "--no-dedupe",
                "--device", args.device, "--dtype", args.dtype, "--toks-per-batch", str(args.toks_per_batch),
-               "--report", str(report)]
+               "--report", str(report_path)]
     seconds, _ = whole_process(command, args.threads)
-    total = json.loads(report.read_text())["total"]
+    report = json.loads(report_path.read_text())
+    total = report["total"]
     return {"process_seconds": seconds, "out": workdir / "ours.h5", "residues": total["residues_embedded"],
             "tokens": total["tokens"],
-            "seconds": total["seconds"], "peak_host_bytes": total["peak_host_bytes"],
+            "seconds": report["ranks"][0]["seconds"],  # its batches, as fair-esm's: not the loading
+            "peak_host_bytes": total["peak_host_bytes"],
             "peak_device_bytes": total["peak_device_bytes"]}
 
 
@@ -167,20 +169,26 @@ def model_flops(layers: int, dim: int, tokens_per_sequence: np.ndarray) -> float
     return layers * (24 * dim * dim * tokens.sum() + 4 * dim * (tokens**2).sum())
 
 
-def measured_bf16_peak(device: str) -> float:
-    """The device's bf16 matrix throughput in FLOP/s, from large square matmuls."""
+def measured_bf16_peak(device: str, trials: int = 5, trial_seconds: float = 0.5) -> float:
+    """The device's bf16 matrix throughput in FLOP/s: the best of several timed runs of large square
+    matmuls, after a second of warm-up so that the clocks have ramped up."""
     size = 8192
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    repeats = 20
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+    def timed(repeats: int) -> float:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    repeats = 1
+    while timed(repeats) < 1.0:  # warm-up, and the repeats that one timed run of about a second takes
+        repeats *= 2
+    repeats = max(1, int(repeats * trial_seconds))
+    return 2 * size**3 * repeats / min(timed(repeats) for _ in range(trials))
 
 
 def _row(name: str, runs: list[dict], shape: dict, peak: float | None) -> dict:

@@ -13,7 +13,8 @@ from extract.model_loading import build_random_esm2, fair_esm_checkpoint
 from jobs import clean_env, extract_command, write_fasta
 from long_job import LongJob
 
-PHAGE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "phage"
+# The real phage proteins, beside the checkout (or where ESM_FEATURES_PHAGE_DIR says, e.g. on a GPU machine).
+PHAGE_DIR = Path(os.environ.get("ESM_FEATURES_PHAGE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "phage")
 
 # fair-esm's reference forward runs in the test process itself: on a loaded machine, more intra-op threads
 # than free cores make it many times slower (spinning threads wait for each other).

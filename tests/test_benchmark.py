@@ -20,6 +20,8 @@ def test_the_benchmark_runs_both_tools_and_checks_ours_against_fair_esms_output(
     assert setup["model"]["proteins"] == 6 and setup["model"]["layers"] == 2
     assert fair_esm["tool"] == "fair-esm extract (fp32)" and ours["tool"] == "esm-features (fp32)"
     assert ours["speedup_process"] == round(fair_esm["process_s"] / ours["process_s"], 2)
+    report = json.loads((tmp_path / "work" / "report.json").read_text())  # compute: the batches, not the loading
+    assert ours["compute_s"] == round(report["ranks"][0]["seconds"], 2) < round(report["total"]["seconds"], 2)
     assert 0 < ours["padding_share"] < 0.05  # packed: only BOS and EOS besides the residues
     assert agreement["agreement_with_fair_esm"]["proteins"] == 6
     assert agreement["agreement_with_fair_esm"]["max_abs_diff"] <= 1e-4
