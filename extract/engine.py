@@ -150,6 +150,7 @@ def _compute_rows(identity: RankIdentity, inputs: InputIndex, embedder: Embedder
                   job: JobSettings, log: logging.Logger) -> RankStats:
     """This rank's share of the rows not yet done; stops (StopRequested) between batches when asked to."""
     started = time.monotonic()
+    run_report.reset_peak_device_bytes(embedder.device)  # the batches' peak, not the loading's
     with RowWriter(job.out, embedder.datasets()) as writer, inputs.sequences() as store:
         barrier()  # every rank plans from the same /done flags: none writes before all have read them
         counts = RowCounts.of(inputs, embedder)

@@ -57,9 +57,9 @@ def embed_batch(
     offsets = cumulative_offsets(real.sum(1))
     packing = packing or default_packing(device)
     if packing == PADDED:
-        padded = esm2_representations(model, _to_device(tokens, device), repr_layers)
+        padded = esm2_representations(model, to_device(tokens, device), repr_layers)
         return {layer: rows[real.to(device)] for layer, rows in padded.items()}, offsets
-    packed = _to_device(tokens[real], device)
+    packed = to_device(tokens[real], device)
     return esm2_packed_representations(model, packed, offsets, repr_layers, packing), offsets
 
 
@@ -68,7 +68,7 @@ def cumulative_offsets(lengths: torch.Tensor) -> torch.Tensor:
     return F.pad(lengths.cumsum(0), (1, 0))
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`; to a GPU through pinned memory, so that the copy does not wait."""
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
@@ -109,11 +109,11 @@ def esm2_packed_representations(
     layers = _check_layers(model, repr_layers)
     device = tokens.device
     host_sequence = torch.repeat_interleave(cu_seqlens.diff())
-    sequence, bounds = host_sequence.to(device), cu_seqlens.to(device)
+    sequence, bounds = to_device(host_sequence, device), to_device(cu_seqlens, device)
     masked_so_far = F.pad((tokens == model.mask_idx).cumsum(0), (1, 0))
     masked = masked_so_far[bounds[1:]] - masked_so_far[bounds[:-1]]
     x = _embed(model, tokens, masked[sequence, None], bounds.diff()[sequence, None])
-    cos, sin = rotary_tables(model, (torch.arange(tokens.numel()) - cu_seqlens[host_sequence]).to(device))
+    cos, sin = rotary_tables(model, to_device(torch.arange(tokens.numel()) - cu_seqlens[host_sequence], device))
     heads = model.attention_heads
     varlen_attention = _jagged_attention(cu_seqlens, bounds) if packing == JAGGED else \
         _per_sequence_attention(cu_seqlens.tolist())

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         if identity.is_leader:
             _dry_run(args, argv, long_sequences, device, args.dry_run or identity.world_size)
         return
-    with stopping.stop_on_signals(), runtime.process_group(identity, device), \
+    with stopping.stop_on_signals(), runtime.current_device(device), runtime.process_group(identity, device), \
             output_lock.held_by_leader(identity, args.out, log):
         # The model first: it loads in moments (memory-mapped), while reading millions of proteins takes
         # minutes that a bad --model should not cost.

@@ -10,10 +10,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from extract.esm2_forward import to_device
 from extract.long_sequences import BatchLayout
 from extract.planning import concatenated_ranges
 
 OUTPUTS = ("mean", "bos", "per_tok")
+PINNED_RESULTS_MAX_BYTES = 256 << 20
 
 
 def dataset_name(output: str, layer: int) -> str:
@@ -24,15 +26,15 @@ def pool(rows: dict[int, torch.Tensor], offsets: np.ndarray, layout: BatchLayout
          outputs: list[str]) -> dict[str, np.ndarray]:
     """{dataset name: float32 array}: (proteins, width) for mean and bos, (kept residues, width) for per_tok."""
     device = next(iter(rows.values())).device
-    kept = torch.as_tensor(_kept_rows(offsets, layout), device=device)
-    bos = torch.as_tensor(np.asarray(offsets)[layout.first_window], device=device)
-    embedded = torch.as_tensor(layout.embedded, device=device)
+    kept, bos, embedded = (to_device(torch.as_tensor(host), device) for host in (
+        _kept_rows(offsets, layout), np.asarray(offsets)[layout.first_window], layout.embedded))
     pooled = {}
     for layer, values in rows.items():
         residues = values.index_select(0, kept) if {"mean", "per_tok"} & set(outputs) else None
         if "mean" in outputs:
             # segment_reduce sums each protein's rows in order (no atomics): the same result on every run.
-            sums = torch.segment_reduce(residues.float(), "sum", lengths=embedded)
+            # `unsafe`: the lengths are right by construction; checking them would wait for the device.
+            sums = torch.segment_reduce(residues.float(), "sum", lengths=embedded, unsafe=True)
             pooled[dataset_name("mean", layer)] = sums / embedded.unsqueeze(1)
         if "bos" in outputs:
             pooled[dataset_name("bos", layer)] = values.index_select(0, bos)
@@ -49,8 +51,14 @@ def _kept_rows(offsets: np.ndarray, layout: BatchLayout) -> np.ndarray:
 
 
 def _to_host(pooled: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """float32 numpy arrays; from a GPU through pinned memory, every copy queued before one wait."""
-    if not pooled or next(iter(pooled.values())).device.type != "cuda":
+    """float32 numpy arrays; from a GPU through pinned memory, every copy queued before one wait.
+
+    Not results bigger than PINNED_RESULTS_MAX_BYTES (per-residue outputs of large batches): PyTorch keeps
+    pinned blocks cached, rounded up to a power of two, and the writes hold up to three batches' results,
+    so pinning those would lock tens of GB of host memory per rank; writing them takes longer than the
+    copy anyway."""
+    size = sum(values.numel() for values in pooled.values()) * 4
+    if not pooled or next(iter(pooled.values())).device.type != "cuda" or size > PINNED_RESULTS_MAX_BYTES:
         return {name: values.float().cpu().numpy() for name, values in pooled.items()}
     host = {name: torch.empty(values.shape, dtype=torch.float32, pin_memory=True) for name, values in pooled.items()}
     for name, values in pooled.items():

@@ -42,6 +42,11 @@ def peak_host_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_device_bytes(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_device_bytes(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None

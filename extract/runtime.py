@@ -44,7 +44,10 @@ class RankIdentity:
         """Read torchrun's variables once; none set means one process on its own."""
         names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), _env_int(environ, "LOCAL_RANK", 0), dist.get_world_size())
+            # A caller's own group (started by srun or mpirun, say) may not set LOCAL_RANK; then the GPU
+            # the caller made current is this rank's.
+            current_gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0
+            return cls(dist.get_rank(), _env_int(environ, "LOCAL_RANK", current_gpu), dist.get_world_size())
         present = [n for n in names if n in environ]
         if not present:
             return cls(0, 0, 1)
@@ -80,13 +83,18 @@ def choose_device(requested: str, identity: RankIdentity) -> torch.device:
     return torch.device("cuda", identity.local_rank)
 
 
+def current_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes a GPU the current device (pinned memory and NCCL use it) and gives the caller's back after."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def process_group(identity: RankIdentity, device: torch.device) -> Iterator[None]:
-    """Join torchrun's group when there is one to join; tear down only a group made here."""
+    """Join torchrun's group when there is one to join; tear down only a group made here. A GPU `device`
+    must be the current one (`current_device`)."""
     created = identity.world_size > 1 and not dist.is_initialized()
     if created:
         if device.type == "cuda":
-            torch.cuda.set_device(device)
             dist.init_process_group("nccl", timeout=GROUP_TIMEOUT, device_id=device)
         else:
             dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)

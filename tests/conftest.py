@@ -14,7 +14,8 @@ from jobs import clean_env, extract_command, write_fasta
 from long_job import LongJob
 
 # The real phage proteins, beside the checkout (or where ESM_FEATURES_PHAGE_DIR says, e.g. on a GPU machine).
-PHAGE_DIR = Path(os.environ.get("ESM_FEATURES_PHAGE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "phage")
+PHAGE_DIR = Path(os.environ.get("ESM_FEATURES_PHAGE_DIR")
+                 or Path(__file__).resolve().parents[2] / "shared" / "data" / "phage")
 
 # fair-esm's reference forward runs in the test process itself: on a loaded machine, more intra-op threads
 # than free cores make it many times slower (spinning threads wait for each other).
