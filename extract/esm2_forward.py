@@ -34,6 +34,8 @@ from esm.modules import TransformerLayer
 MASK_RATIO_TRAIN = 0.15 * 0.8
 
 PER_SEQUENCE, JAGGED, PADDED = "per_sequence", "jagged", "padded"
+# CUDA's flash and memory-efficient kernels put the sequences of a call on a grid axis of at most 65535.
+SEQUENCES_PER_JAGGED_CALL = 65535
 PACKINGS = (PER_SEQUENCE, JAGGED, PADDED)
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # q, k, v rows -> context rows
@@ -143,19 +145,35 @@ def _per_sequence_attention(bounds: list[int]) -> VarlenAttention:
 
 
 def _jagged_attention(cu_seqlens: torch.Tensor, offsets: torch.Tensor) -> VarlenAttention:
-    """Attention of packed (N, heads, head_dim) q, k, v, one SDPA call on jagged nested tensors;
-    `offsets` is `cu_seqlens` on their device."""
+    """Attention of packed (N, heads, head_dim) q, k, v: one SDPA call on jagged nested tensors per
+    SEQUENCES_PER_JAGGED_CALL sequences; `offsets` is `cu_seqlens` on their device."""
+    sequences, calls = len(cu_seqlens) - 1, []
+    for first in range(0, sequences, SEQUENCES_PER_JAGGED_CALL):
+        last = min(first + SEQUENCES_PER_JAGGED_CALL, sequences)
+        start, end = int(cu_seqlens[first]), int(cu_seqlens[last])
+        calls.append((start, end, _jagged_layout(cu_seqlens[first : last + 1], offsets[first : last + 1] - start)))
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        context = [F.scaled_dot_product_attention(*(jagged(x[start:end]) for x in (q, k, v))).transpose(1, 2).values()
+                   for start, end, jagged in calls]
+        return context[0] if len(context) == 1 else torch.cat(context)
+
+    return attention
+
+
+def _jagged_layout(cu_seqlens: torch.Tensor, offsets: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Makes the packed (n, heads, head_dim) rows of these sequences a (sequences, heads, jagged length,
+    head_dim) nested tensor. `offsets`: where each sequence starts in the rows, on their device (one tensor
+    for q, k and v: it names their common jagged dimension); the length bounds come from the host
+    `cu_seqlens`, so that nothing waits for the device."""
     lengths = cu_seqlens.diff()
     shortest, longest = int(lengths.min()), int(lengths.max())
 
-    def jagged(x: torch.Tensor) -> torch.Tensor:  # (sequences, heads, jagged length, head_dim)
+    def jagged(x: torch.Tensor) -> torch.Tensor:
         return torch.nested.nested_tensor_from_jagged(x.contiguous(), offsets, min_seqlen=shortest,
                                                       max_seqlen=longest).transpose(1, 2)
 
-    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v)).transpose(1, 2).values()
-
-    return attention
+    return jagged
 
 
 def _check_layers(model: ESM2, repr_layers: Iterable[int]) -> set[int]:

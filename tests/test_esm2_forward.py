@@ -8,7 +8,8 @@ import torch
 from esm.data import BatchConverter
 
 from extract.esm2_chunked_attention import chunked_forward
-from extract.esm2_forward import PACKINGS, PADDED, PER_SEQUENCE, embed_batch, esm2_representations
+from extract import esm2_forward
+from extract.esm2_forward import JAGGED, PACKINGS, PADDED, PER_SEQUENCE, embed_batch, esm2_representations
 from extract.model_loading import build_random_esm2, load_model
 from fair_esm_reference import fair_esm_means
 from jobs import AMINO_ACIDS, phage_sample
@@ -70,6 +71,30 @@ def test_embed_batch_rows_match_fair_esm_per_sequence(tiny, packing):
         for i in range(len(tokens)):
             ours = rows[layer][offsets[i] : offsets[i + 1]]
             assert (ours - expected[layer][i, real[i]]).abs().max() <= 1e-4
+
+
+def test_jagged_calls_of_at_most_so_many_sequences_give_the_same_rows(tiny, monkeypatch):
+    """CUDA's varlen kernels take at most 65535 sequences a call; a batch of more is split: here 7 into 3 + 3 + 1."""
+    model, alphabet = tiny
+    tokens = _mixed_batch(alphabet)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[0].offsets()) - 1)  # sequences in this call
+        return sdpa(*args, **kwargs)
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with torch.inference_mode():
+        whole, offsets = embed_batch(model, tokens, [2], JAGGED)
+        monkeypatch.setattr(esm2_forward, "SEQUENCES_PER_JAGGED_CALL", 3)
+        monkeypatch.setattr(esm2_forward.F, "scaled_dot_product_attention", counted)
+        split, _ = embed_batch(model, tokens, [2], JAGGED)
+    assert calls == [3, 3, 1] * model.num_layers
+    assert (split[2] - whole[2]).abs().max() <= 1e-6
+    expected = _fair_esm(model, tokens, [2])[2]
+    real = tokens.ne(alphabet.padding_idx)
+    for i in range(len(tokens)):
+        assert (split[2][offsets[i] : offsets[i + 1]] - expected[i, real[i]]).abs().max() <= 1e-4
 
 
 def test_only_the_layers_asked_for_are_returned_and_computed(tiny):
