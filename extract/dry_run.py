@@ -19,21 +19,21 @@ def describe(inputs: InputIndex, embedder: Embedder, job: JobSettings, world_siz
     would stop with, if any."""
     status = resumable_status(inputs, embedder, job)
     if status == output_file.COMPLETE:
-        pending = np.empty(0, np.int64)
+        done = np.ones(len(inputs), dtype=np.uint8)
         output = f"{job.out} is complete; a run would do nothing"
     else:
         planned = file_layout(inputs, embedder, job).planned_bytes()
         room = (f"{output_file.format_bytes(planned)} planned, "
                 f"{output_file.format_bytes(output_file.check_room(job.out, planned))} free on its file system")
         if status is None:
-            pending = np.arange(len(inputs))
+            done = np.zeros(len(inputs), dtype=np.uint8)
             output = f"{job.out} would be created: {room}"
         else:
             flags = output_file.DoneFlags(job.out)
-            pending = np.flatnonzero(flags.read() == 0)
+            done = flags.read()
             flags.close()
-            done = len(inputs) - pending.size
-            output = f"{job.out} would be resumed, {done:,} of {len(inputs):,} rows are done: {room}"
+            output = (f"{job.out} would be resumed, {int(np.count_nonzero(done)):,} of {len(inputs):,} rows are "
+                      f"done: {room}")
     settings = {**file_settings(embedder, job), "toks_per_batch": job.toks_per_batch, "dedupe": job.dedupe}
     return [
         "dry run: nothing computed, nothing written",
@@ -41,5 +41,5 @@ def describe(inputs: InputIndex, embedder: Embedder, job: JobSettings, world_siz
         f"{inputs.distinct:,} distinct sequences",
         "settings: " + ", ".join(f"{name} {value}" for name, value in settings.items()),
         f"output: {output}",
-        *plan_job(inputs, RowCounts.of(inputs, embedder), job, pending).describe(inputs.lengths, world_size),
+        *plan_job(inputs, RowCounts.of(inputs, embedder), job, done).describe(inputs.lengths, world_size),
     ]

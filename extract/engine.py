@@ -128,12 +128,13 @@ class RowCounts:
                                                              embedder.residues_embedded(lengths))))
 
 
-def plan_job(inputs: InputIndex, counts: RowCounts, job: JobSettings, pending: np.ndarray) -> Work:
-    """The plan every rank computes alike (and a dry run shows) for the `pending` rows."""
+def plan_job(inputs: InputIndex, counts: RowCounts, job: JobSettings, done: np.ndarray) -> Work:
+    """The plan every rank computes alike (and a dry run shows) for the rows whose `done` flag is 0."""
     # Row numbers in 32 bits while they fit: every rank holds several arrays of them as long as the input.
     row = np.int32 if len(inputs) < 2**31 else np.int64
+    pending = np.flatnonzero(done == 0).astype(row)
     sources = np.asarray(inputs.representatives, dtype=row) if job.dedupe else None
-    return plan_work(pending.astype(row), sources, counts.tokens, job.toks_per_batch, counts.inputs)
+    return plan_work(pending, sources, counts.tokens, job.toks_per_batch, counts.inputs)
 
 
 def _values_for(take: np.ndarray, values: Mapping[str, np.ndarray], token_counts: np.ndarray,
@@ -154,7 +155,7 @@ def _compute_rows(identity: RankIdentity, inputs: InputIndex, embedder: Embedder
     with RowWriter(job.out, embedder.datasets()) as writer, inputs.sequences() as store:
         barrier()  # every rank plans from the same /done flags: none writes before all have read them
         counts = RowCounts.of(inputs, embedder)
-        work = plan_job(inputs, counts, job, writer.pending_rows())
+        work = plan_job(inputs, counts, job, writer.done)
         mine = work.plan.for_rank(identity.rank, identity.world_size)
         if identity.is_leader:
             for line in work.describe(inputs.lengths, identity.world_size):

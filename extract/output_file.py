@@ -218,9 +218,6 @@ class RowWriter:
             if exc_type is None:
                 raise  # otherwise the error already on its way says what happened
 
-    def pending_rows(self) -> np.ndarray:
-        return np.flatnonzero(self.done == 0)
-
     def write(self, rows: np.ndarray, values: Mapping[str, np.ndarray]) -> None:
         """Write the rows' values (per-token values concatenated in `rows` order), rounded once to the
         storage dtype; make them durable, then mark the rows done."""

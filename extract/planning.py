@@ -37,7 +37,9 @@ def plan_batches(rows: np.ndarray, tokens: np.ndarray, toks_per_batch: int, inpu
     inputs = np.ones_like(tokens) if inputs is None else inputs
     order = np.lexsort((rows, -inputs, -tokens))
     rows, tokens, inputs = rows[order], tokens[order], inputs[order]
-    inputs_before = np.concatenate([[0], np.cumsum(inputs)])
+    del order
+    inputs_before = np.zeros(len(inputs) + 1, dtype=np.int64)
+    np.cumsum(inputs, out=inputs_before[1:])
     starts = []
     start = 0
     while start < len(rows):
@@ -59,7 +61,7 @@ class Work:
 
     plan: Plan
     toks_per_batch: int
-    tokens: np.ndarray  # tokens of each row's model inputs, all together
+    computed_tokens: int  # tokens of the computed rows' model inputs, all together (BOS and EOS included)
     computed: np.ndarray  # the rows the plan computes, ascending
     targets: np.ndarray  # the pending rows, ordered by source
     sources: np.ndarray  # the source of each target, ascending
@@ -76,7 +78,7 @@ class Work:
         residues = int(lengths[self.targets].sum())
         saved = residues - int(lengths[self.computed].sum())
         padded = int(self.plan.batch_tokens.sum())
-        padding = padded - int(self.tokens[self.computed].sum())
+        padding = padded - self.computed_tokens
         per_rank = self.plan.tokens_per_rank(world_size)
         shown = ", ".join(f"{t:,}" for t in per_rank) if world_size <= 8 else f"{min(per_rank):,} to {max(per_rank):,}"
         return [
@@ -106,7 +108,9 @@ def plan_work(pending: np.ndarray, sources: np.ndarray | None, tokens: np.ndarra
     pending_sources = pending if sources is None else np.asarray(sources[pending])
     order = np.argsort(pending_sources, kind="stable")
     targets, pending_sources = pending[order], pending_sources[order]
+    del order  # every rank plans every row: what it holds at once is its peak memory
     computed = pending_sources[np.diff(pending_sources, prepend=-1) != 0]
-    inputs = np.ones_like(tokens) if inputs is None else inputs
-    plan = plan_batches(computed, tokens[computed], toks_per_batch, inputs[computed])
-    return Work(plan, toks_per_batch, tokens * inputs, computed, targets, pending_sources)
+    tokens, inputs = tokens[computed], np.ones(len(computed), tokens.dtype) if inputs is None else inputs[computed]
+    computed_tokens = int(np.dot(tokens.astype(np.int64), inputs))
+    return Work(plan_batches(computed, tokens, toks_per_batch, inputs), toks_per_batch, computed_tokens, computed,
+                targets, pending_sources)
