@@ -71,20 +71,28 @@ def fingerprint(inputs: InputIndex, embedder: Embedder, job: JobSettings) -> str
 
 
 def resumable_status(inputs: InputIndex, embedder: Embedder, job: JobSettings) -> str | None:
-    """The status of the existing output this job would resume; None where it would create a new one."""
-    if not job.out.exists() or job.overwrite:
+    """The status of the existing output this job would resume; None where it would create a new one.
+
+    `--overwrite` replaces only an output this job cannot resume (made differently, not ours, not
+    readable): the same command rerun, as torchrun's automatic restarts do, keeps the rows already done."""
+    if not job.out.exists():
         return None
     if not os.access(job.out, os.R_OK | os.W_OK):
-        raise UserError(f"{job.out}: exists but this job may not read and write it; change its permissions "
-                        f"or choose another --out")
-    try:
-        attrs = output_file.read_attrs(job.out)
-    except UserError as err:
-        raise UserError(f"{err}; pass --overwrite to replace it") from None
-    if attrs["fingerprint"] != fingerprint(inputs, embedder, job):
-        raise UserError(f"{job.out}: exists and was made from other inputs or settings; "
-                        f"pass --overwrite to replace it, or choose another --out")
-    return str(attrs["status"])
+        problem = (f"{job.out}: exists but this job may not read and write it; change its permissions or choose "
+                   f"another --out")
+    else:
+        try:
+            attrs = output_file.read_attrs(job.out)
+        except UserError as err:
+            problem = f"{err}; pass --overwrite to replace it"
+        else:
+            if attrs["fingerprint"] == fingerprint(inputs, embedder, job):
+                return str(attrs["status"])
+            problem = (f"{job.out}: exists and was made from other inputs or settings; pass --overwrite to replace "
+                       f"it, or choose another --out")
+    if job.overwrite:
+        return None
+    raise UserError(problem)
 
 
 def file_layout(inputs: InputIndex, embedder: Embedder, job: JobSettings) -> FileLayout:

@@ -57,7 +57,9 @@ def create_parser() -> argparse.ArgumentParser:
                         help="residues neighbouring windows share (default: a quarter of the window)")
     parser.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default="float32",
                         help="dtype of the stored representations; float16 halves the file (default: float32)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output made differently")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output made from other inputs or settings (one of this very job "
+                             "is resumed)")
     parser.add_argument("--progress-seconds", type=_positive_seconds, default=30.0,
                         help="seconds between progress lines of rank 0 (default: 30)")
     parser.add_argument("--report", type=Path, help="write a JSON run report here (also stored in the output)")

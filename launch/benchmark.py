@@ -135,15 +135,16 @@ def run_fair_esm(args: argparse.Namespace, model_path: Path, fasta: Path, workdi
 
 
 def run_ours(args: argparse.Namespace, model_path: Path, fasta: Path, workdir: Path) -> dict:
-    report_path = workdir / "report.json"
+    report_path, out = workdir / "report.json", workdir / "ours.h5"
+    out.unlink(missing_ok=True)  # computed anew every round (the same command would find it complete)
     command = [sys.executable, str(REPO / "extract" / "esm_features.py"), "--model", str(model_path),
-               "--fasta", str(fasta), "--out", str(workdir / "ours.h5"), "--overwrite", "--no-dedupe",
+               "--fasta", str(fasta), "--out", str(out), "--no-dedupe",
                "--device", args.device, "--dtype", args.dtype, "--toks-per-batch", str(args.toks_per_batch),
                "--report", str(report_path)]
     seconds, _ = whole_process(command, args.threads)
     report = json.loads(report_path.read_text())
     total = report["total"]
-    return {"process_seconds": seconds, "out": workdir / "ours.h5", "residues": total["residues_embedded"],
+    return {"process_seconds": seconds, "out": out, "residues": total["residues_embedded"],
             "tokens": total["tokens"],
             "seconds": report["ranks"][0]["seconds"],  # its batches, as fair-esm's: not the loading
             "peak_host_bytes": total["peak_host_bytes"],

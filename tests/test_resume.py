@@ -34,11 +34,12 @@ def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_rerun_of_a_complete_output_changes_nothing(job, capsys):
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]], ids=["plain", "overwrite"])  # it only replaces another job's
+def test_rerun_of_a_complete_output_changes_nothing(job, capsys, extra):
     _, out, run = job
     before = _digest(out)
     capsys.readouterr()
-    assert run() == 0
+    assert run(*extra) == 0
     assert f"{out} is already complete; nothing to do" in capsys.readouterr().err
     assert _digest(out) == before
 
