@@ -92,6 +92,7 @@ class Esm2Embedder:
     def settings(self) -> dict:
         return {
             "model": self.loaded.name,
+            **({"model_sha256": self.loaded.sha256} if self.loaded.sha256 else {}),
             "random_weights": self.loaded.random_weights,
             "num_layers": self.loaded.num_layers,
             "embed_dim": self.loaded.embed_dim,

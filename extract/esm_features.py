@@ -9,6 +9,7 @@ In-process, for jobs that already run a process group: `from extract.esm_feature
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from extract.engine import JobSettings, run_job  # noqa: E402
 from extract.errors import JobError, StopRequested, UserError  # noqa: E402
 from extract.esm2_embedder import DTYPES, Esm2Embedder, choose_dtype  # noqa: E402
 from extract.long_sequences import MODES, LongSequencePolicy  # noqa: E402
-from extract.model_loading import LoadedModel, load_model  # noqa: E402
+from extract.model_loading import LoadedModel, checkpoint_sha256, load_model  # noqa: E402
 from extract.output_file import STORAGE_DTYPES  # noqa: E402
 from extract.pooling import OUTPUTS  # noqa: E402
 
@@ -130,6 +131,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         # minutes that a bad --model should not cost.
         dtype = choose_dtype(args.dtype, device)
         loaded = load_model(args.model, lambda: runtime.local_leader_first(identity), device, dtype)
+        # The fingerprint tells apart checkpoints of one file name by their contents: rank 0 hashes the file.
+        sha256 = runtime.leader_decides(identity, lambda: checkpoint_sha256(args.model))
+        loaded = dataclasses.replace(loaded, sha256=sha256)
         embedder = _embedder(args, loaded, long_sequences, device, dtype)
         index_directory = input_index.directory_for(args.out)
         reused = runtime.leader_decides(identity, lambda: input_index.prepare(args.fasta, index_directory))
@@ -154,7 +158,8 @@ def _dry_run(args: argparse.Namespace, argv: list[str], long_sequences: LongSequ
     saved = input_index.saved_if_current(args.fasta, input_index.directory_for(args.out))
     inputs = saved or input_index.build(args.fasta, None)
     dtype = choose_dtype(args.dtype, device)
-    loaded = load_model(args.model, device=torch.device("meta"), dtype=dtype)
+    loaded = dataclasses.replace(load_model(args.model, device=torch.device("meta"), dtype=dtype),
+                                 sha256=checkpoint_sha256(args.model))
     embedder = _embedder(args, loaded, long_sequences, torch.device("meta"), dtype)
     lines = dry_run.describe(inputs, embedder, _job_settings(args, argv, embedder), world_size)
     if device.type == "cuda" and args.toks_per_batch == "auto":

@@ -4,6 +4,7 @@ fair-esm `.pt`, or `random:<name>`."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import pickle
 import zipfile
 from argparse import Namespace
@@ -39,6 +40,7 @@ class LoadedModel:
     alphabet: esm.Alphabet
     name: str
     random_weights: bool
+    sha256: str | None = None  # of the checkpoint file a path named (`checkpoint_sha256`)
 
     @property
     def num_layers(self) -> int:
@@ -177,6 +179,19 @@ def load_model(spec: str, local_leader_first: Callable[[], ContextManager] = con
             f"({', '.join(ESM2_ARCHITECTURES)}) or random:<name>"
         )
     return _load_checkpoint_file(path, path.stem, device, dtype)
+
+
+def checkpoint_sha256(spec: str) -> str | None:
+    """The sha256 of the checkpoint file a path `--model` names: two files of one name may hold other
+    weights. None for fair-esm names and random:<name>, whose names say which weights they are. Reads the
+    whole file (at about 1.5 GB/s per core: 7 s for ESM-2 3B)."""
+    if spec.startswith(RANDOM_PREFIX) or spec in ESM2_ARCHITECTURES:
+        return None
+    try:
+        with open(spec, "rb") as checkpoint:
+            return hashlib.file_digest(checkpoint, "sha256").hexdigest()
+    except OSError as err:
+        raise UserError(f"model {spec}: cannot read it ({err.strerror or err})") from None
 
 
 def _random_esm2_on(device: torch.device, dtype: torch.dtype, architecture: tuple[int, int, int]) -> ESM2:

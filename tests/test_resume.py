@@ -8,8 +8,10 @@ import hashlib
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from extract.esm_features import main
+from extract.model_loading import build_random_esm2, fair_esm_checkpoint
 from fair_esm_reference import fair_esm_means, load_fair_esm
 from jobs import random_proteins, write_fasta
 
@@ -59,6 +61,21 @@ def test_output_from_other_inputs_or_settings_is_refused(tmp_path, job, capsys, 
     assert "Traceback" not in err
     assert _digest(out) == before
     assert sorted(p.name for p in tmp_path.glob("out.h5*")) == ["out.h5"]
+
+
+def test_a_checkpoint_of_the_same_name_with_other_weights_is_refused(tmp_path, tiny_model_path, job, capsys):
+    _, out, run = job
+    with h5py.File(out, "r") as f:
+        assert f.attrs["model"] == "tiny_esm2"
+        assert f.attrs["model_sha256"] == hashlib.sha256(tiny_model_path.read_bytes()).hexdigest()
+    other = tmp_path / "elsewhere" / tiny_model_path.name
+    other.parent.mkdir()
+    torch.save(fair_esm_checkpoint(build_random_esm2(2, 64, 4, seed=2)), other)
+    before = _digest(out)
+    capsys.readouterr()
+    assert run("--model", str(other)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"esm_features: error: {out}: {REFUSAL}"
+    assert _digest(out) == before
 
 
 def test_overwrite_replaces_an_output_made_differently(tmp_path, tiny_model_path, job):
