@@ -102,6 +102,8 @@ def file_layout(inputs: InputIndex, embedder: Embedder, job: JobSettings) -> Fil
 
 def prepare_output(inputs: InputIndex, embedder: Embedder, job: JobSettings, log: logging.Logger) -> str:
     """On rank 0: create the output, or check that an existing one may be resumed. Returns its status."""
+    if job.report is not None and job.report.is_dir():
+        raise UserError(f"--report {job.report}: is a directory; name a file in it")
     if job.report is not None and not os.access(job.report.parent, os.W_OK):
         raise UserError(f"--report {job.report}: cannot write a file in {job.report.parent}")
     status = resumable_status(inputs, embedder, job)

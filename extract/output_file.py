@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -31,6 +32,7 @@ STORAGE_DTYPES = ("float32", "float16")
 FIXED_OVERHEAD_BYTES = 64 * 1024
 ID_OVERHEAD_BYTES = 48
 BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+LOCK_WAIT_SECONDS, LOCK_POLL_SECONDS = 30.0, 0.5  # for a reader holding the file when the run ends
 IDS_PER_WRITE = 1 << 20  # ids go to /ids in slices, so that no more of them exist as Python strings at once
 
 
@@ -151,13 +153,32 @@ def require_ours(path: Path, attrs: Mapping) -> None:
 
 def mark_complete(path: Path, extra_attrs: Mapping) -> np.ndarray:
     """Set status to complete if every row is done; return the rows that are not."""
-    with h5py.File(path, "r+") as f:
-        missing = np.flatnonzero(f["done"][:] == 0)
-        f.attrs.update({k: _attr(v) for k, v in extra_attrs.items()})
-        if missing.size == 0:
-            f.attrs["status"] = COMPLETE
-    _sync(path)  # "complete" is said only once the file says so durably
+    try:
+        with _opened_for_update(path) as f:
+            missing = np.flatnonzero(f["done"][:] == 0)
+            f.attrs.update({k: _attr(v) for k, v in extra_attrs.items()})
+            if missing.size == 0:
+                f.attrs["status"] = COMPLETE
+        _sync(path)  # "complete" is said only once the file says so durably
+    except OSError as err:
+        raise JobError(f"{path}: cannot record the end of this run ({err}); every finished row is kept; "
+                       f"rerun the same command to finish") from None
     return missing
+
+
+def _opened_for_update(path: Path) -> h5py.File:
+    """The file opened read-write through HDF5, waiting up to LOCK_WAIT_SECONDS for readers that hold it
+    open with HDF5's file lock (h5py's default) to close it."""
+    waited_until = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            return h5py.File(path, "r+")
+        except BlockingIOError:
+            if time.monotonic() > waited_until:
+                raise JobError(f"{path}: another process holds it open (HDF5's file lock), so this run cannot mark "
+                               f"it; every finished row is kept; close it (read with h5py.File(..., locking=False) "
+                               f"while a job runs) and rerun the same command to finish") from None
+            time.sleep(LOCK_POLL_SECONDS)
 
 
 def _sync(path: Path) -> None:

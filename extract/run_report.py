@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from extract.errors import UserError
+from extract.errors import JobError
 
 
 @dataclass(frozen=True)
@@ -110,4 +110,5 @@ def write(path: Path, report: Mapping) -> None:
     try:
         path.write_text(json.dumps(report, indent=2) + "\n")
     except OSError as err:
-        raise UserError(f"{path}: cannot write the report ({err.strerror or err})") from None
+        raise JobError(f"{path}: cannot write the report ({err.strerror or err}); the same report is in the "
+                       f"output's last_run attribute") from None

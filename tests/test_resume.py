@@ -4,12 +4,15 @@
 """
 
 import hashlib
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
+from extract import output_file
 from extract.esm_features import main
 from extract.model_loading import build_random_esm2, fair_esm_checkpoint
 from fair_esm_reference import fair_esm_means, load_fair_esm
@@ -76,6 +79,35 @@ def test_a_checkpoint_of_the_same_name_with_other_weights_is_refused(tmp_path, t
     assert run("--model", str(other)) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"esm_features: error: {out}: {REFUSAL}"
     assert _digest(out) == before
+
+
+def test_a_reader_holding_the_file_at_the_end_is_waited_for_then_told(job, capsys, monkeypatch):
+    """A reader with HDF5's file lock (h5py's default) keeps the run from marking the file: after a wait,
+    one line, exit 1, every row kept; the rerun after the reader has gone marks it complete."""
+    _, out, run = job
+    with h5py.File(out, "r+") as f:  # as if the run had been stopped before rows 2 and 3
+        f.attrs["status"] = "incomplete"
+        f["done"][2:4] = 0
+    reader = subprocess.Popen([sys.executable, "-c", "import h5py, sys; f = h5py.File(sys.argv[1], 'r'); "
+                               "print('open', flush=True); sys.stdin.read()", str(out)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline() == "open\n"
+    monkeypatch.setattr(output_file, "LOCK_WAIT_SECONDS", 1.0)
+    capsys.readouterr()
+    try:
+        assert run() == 1
+    finally:
+        reader.communicate("")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"esm_features: error: {out}: another process holds it open (HDF5's file lock), so this run cannot mark "
+        f"it; every finished row is kept; close it (read with h5py.File(..., locking=False) while a job runs) and "
+        f"rerun the same command to finish")
+    with h5py.File(out, "r") as f:
+        assert f.attrs["status"] == "incomplete" and f["done"][()].all()
+    assert run() == 0
+    assert "rows: 0 to write" in capsys.readouterr().err
+    with h5py.File(out, "r") as f:
+        assert f.attrs["status"] == "complete"
 
 
 def test_overwrite_replaces_an_output_made_differently(tmp_path, tiny_model_path, job):

@@ -4,6 +4,7 @@ import importlib.metadata
 import json
 
 import h5py
+import pytest
 
 from extract.fasta import read_inputs
 from jobs import run_extract
@@ -40,10 +41,14 @@ def test_report_of_a_single_process_run(single_process_run, capsid_fasta):
     assert stored == {k: v for k, v in report.items() if k not in ("status", "out")}
 
 
-def test_a_report_that_cannot_be_written_is_refused_before_any_work(tmp_path, tiny_model_path, capsid_fasta):
-    out, report = tmp_path / "out.h5", tmp_path / "no_such_dir" / "report.json"
+@pytest.mark.parametrize("where, problem", [("no_such_dir/report.json", "cannot write a file in {parent}"),
+                                            ("a_dir", "is a directory; name a file in it")])
+def test_a_report_that_cannot_be_written_is_refused_before_any_work(tmp_path, tiny_model_path, capsid_fasta, where,
+                                                                     problem):
+    out, report = tmp_path / "out.h5", tmp_path / where
+    (tmp_path / "a_dir").mkdir()
     done = run_extract(["--model", tiny_model_path, "--fasta", capsid_fasta, "--out", out, "--report", report])
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (f"esm_features: error: --report {report}: "
-                                                    f"cannot write a file in {report.parent}")
+                                                    f"{problem.format(parent=report.parent)}")
     assert not out.exists()
