@@ -7,9 +7,12 @@ torchrun restarts the ranks (--max-restarts) or a caller runs several jobs in on
 
 from __future__ import annotations
 
+import itertools
+
 import torch.distributed as dist
 
 _job_name = "none"  # this job's part of the store; the same on every rank
+_barriers = itertools.count()  # barriers of this job so far: ranks stopped by a signal may differ in the last
 
 
 def store() -> dist.Store | None:
@@ -21,8 +24,12 @@ def store() -> dist.Store | None:
 
 def name_job(name: str) -> None:
     """Keys from now on belong to the job `name`, which every rank of the job must give."""
-    global _job_name
-    _job_name = name
+    global _job_name, _barriers
+    _job_name, _barriers = name, itertools.count()
+
+
+def next_barrier_key() -> str:
+    return key(f"barrier/{next(_barriers)}")
 
 
 def key(name: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import sys
@@ -22,7 +21,6 @@ from extract.errors import JobError, StopRequested, UserError, peers_lost
 T = TypeVar("T")
 GROUP_TIMEOUT = timedelta(hours=1)  # model fetches and the last batches may keep peers waiting
 BARRIER_POLL_SECONDS = (0.01, 0.5)  # first and longest pause between looks at the store
-_barriers = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -131,17 +129,23 @@ def _peers_reachable() -> Iterator[None]:
 def barrier() -> None:
     """Wait until every rank is here. The wait goes through the group's key-value store rather than a
     collective, so it returns to Python between looks: a stop request (this rank's signal or a peer's)
-    ends it at once instead of leaving the rank stuck for a peer that has gone."""
+    ends it at once instead of leaving the rank stuck for a peer that has gone. Every rank passes, or every
+    rank stops: a rank stops only after taking back its arrival while some peer has yet to arrive."""
     store = group_store.store()
     if store is None:
         return
-    key = group_store.key(f"barrier/{next(_barriers)}")
+    key, world_size = group_store.next_barrier_key(), dist.get_world_size()
     pause, longest = BARRIER_POLL_SECONDS
     deadline = time.monotonic() + GROUP_TIMEOUT.total_seconds()
     with _peers_reachable():
         arrived = store.add(key, 1)
-        while arrived < dist.get_world_size():
-            stopping.raise_if_requested()
+        while arrived < world_size:
+            signal_name = stopping.requested()
+            if signal_name is not None:
+                if store.add(key, -1) < world_size - 1:
+                    stopping.stop(signal_name)
+                store.add(key, 1)  # every rank had arrived, and some may have gone on: go with them
+                return
             if time.monotonic() > deadline:
                 raise JobError(f"other ranks did not arrive within {GROUP_TIMEOUT}; "
                                f"rerun the same command to resume")

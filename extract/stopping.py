@@ -93,9 +93,19 @@ def _publish(signal_name: str) -> None:
         store.set(group_store.key(STOP_KEY), signal_name)
 
 
+def requested() -> str | None:
+    """The signal this rank is to stop for (its own, or a peer's), if any."""
+    return _state.requested or _peer_request()
+
+
+def stop(signal_name: str) -> None:
+    """Stop for `signal_name`: tell the peers, then raise StopRequested."""
+    _publish(signal_name)
+    raise StopRequested(signal_name)
+
+
 def raise_if_requested() -> None:
     """A safe point: raise StopRequested if this process got a stop signal or a peer rank stopped."""
-    signal_name = _state.requested or _peer_request()
+    signal_name = requested()
     if signal_name is not None:
-        _publish(signal_name)
-        raise StopRequested(signal_name)
+        stop(signal_name)

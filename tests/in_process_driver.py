@@ -4,23 +4,45 @@
 
 CALLS.json holds a list of argument lists. Each rank writes RESULTS.rank<R>.json: the exit codes, whether
 the group is still initialised, the sum of (rank + 1) over the group afterwards, and threads left over.
+With STOP_RANK_1_AFTER_ITS_FIRST_BATCH set, rank 1 sends itself SIGTERM in the first call's first batch,
+then waits a few seconds, so that rank 0 is done with its own batches first.
 """
 
 import json
+import os
+import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from extract import batch_runner  # noqa: E402
 from extract.esm_features import main as esm_features  # noqa: E402
+
+
+def stop_rank_1_after_its_first_batch() -> None:
+    run = batch_runner.BatchRunner.run
+    first = [True]
+
+    def run_then_stop(self, prepared):
+        if dist.get_rank() == 1 and first[0]:
+            first[0] = False
+            os.kill(os.getpid(), signal.SIGTERM)  # a stop request, acted on at this rank's next safe point
+            time.sleep(3)
+        return run(self, prepared)
+
+    batch_runner.BatchRunner.run = run_then_stop
 
 
 def main() -> None:
     calls = json.loads(Path(sys.argv[1]).read_text())
     dist.init_process_group("gloo")
+    if os.environ.get("STOP_RANK_1_AFTER_ITS_FIRST_BATCH"):
+        stop_rank_1_after_its_first_batch()
     threads = threading.active_count()
     codes = [esm_features(argv) for argv in calls]
     total = torch.tensor([dist.get_rank() + 1])
