@@ -121,6 +121,8 @@ def find_problems(path: Path, fasta: list[Path] | None = None) -> list[str]:
             problems += _non_finite_problems(f, ids, done)
     except OSError as err:
         raise UserError(f"{path}: not a readable HDF5 file ({err})") from None
+    except KeyError as err:
+        raise UserError(f"{path}: a damaged esm-features output ({err})") from None
     return problems + (_fasta_problems(ids, lengths, fasta) if fasta else [])
 
 

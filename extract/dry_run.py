@@ -10,13 +10,15 @@ from __future__ import annotations
 import numpy as np
 
 from extract import output_file
-from extract.engine import Embedder, JobSettings, RowCounts, file_layout, file_settings, plan_job, resumable_status
+from extract.engine import (Embedder, JobSettings, RowCounts, check_writable, file_layout, file_settings, plan_job,
+                            resumable_status)
 from extract.input_index import InputIndex
 
 
 def describe(inputs: InputIndex, embedder: Embedder, job: JobSettings, world_size: int) -> list[str]:
     """What a run with these inputs, model and settings would do on `world_size` ranks; the UserError it
     would stop with, if any."""
+    check_writable(job)
     status = resumable_status(inputs, embedder, job)
     if status == output_file.COMPLETE:
         done = np.ones(len(inputs), dtype=np.uint8)

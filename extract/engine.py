@@ -10,6 +10,7 @@ Stop requests (signals) are acted on between batches, after the rows written so 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -100,12 +101,23 @@ def file_layout(inputs: InputIndex, embedder: Embedder, job: JobSettings) -> Fil
                       job.storage_dtype, inputs.id_bytes)
 
 
+def check_writable(job: JobSettings) -> None:
+    """Refuse at once an output or report that could not be written at the end of the job."""
+    if not os.access(job.out.parent, os.W_OK):
+        reason = os.strerror(errno.EACCES if job.out.parent.is_dir() else errno.ENOENT)
+        raise UserError(f"{job.out}: cannot write in {job.out.parent} ({reason})")
+    report = job.report
+    if report is not None and report.is_dir():
+        raise UserError(f"--report {report}: is a directory; name a file in it")
+    if report is not None and not os.access(report.parent, os.W_OK):
+        raise UserError(f"--report {report}: cannot write a file in {report.parent}")
+    if report is not None and report.exists() and not os.access(report, os.W_OK):
+        raise UserError(f"--report {report}: exists and may not be written")
+
+
 def prepare_output(inputs: InputIndex, embedder: Embedder, job: JobSettings, log: logging.Logger) -> str:
     """On rank 0: create the output, or check that an existing one may be resumed. Returns its status."""
-    if job.report is not None and job.report.is_dir():
-        raise UserError(f"--report {job.report}: is a directory; name a file in it")
-    if job.report is not None and not os.access(job.report.parent, os.W_OK):
-        raise UserError(f"--report {job.report}: cannot write a file in {job.report.parent}")
+    check_writable(job)
     status = resumable_status(inputs, embedder, job)
     layout = file_layout(inputs, embedder, job)
     planned = layout.planned_bytes()

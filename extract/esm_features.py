@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ def _positive_seconds(text: str) -> float:
         seconds = float(text)
     except ValueError:
         seconds = 0.0
-    if not seconds > 0:
+    if not 0 < seconds < math.inf:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return seconds
 
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     """The whole job for this rank; raises UserError or JobError when it cannot finish, StopRequested
     when a signal stopped it."""
     started = time.monotonic()
+    _check_paths(args.fasta, args.out)
     identity = runtime.RankIdentity.from_env()
     log = runtime.rank_logger(identity)
     device = runtime.choose_device(args.device, identity)
@@ -151,6 +153,22 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
             raise
         if identity.is_leader:
             input_index.remove(index_directory)
+
+
+def _check_paths(fasta: list[Path], out: Path) -> None:
+    """Refuse an input named twice, and an --out that names a directory or an input (which --overwrite would
+    replace), before anything is read."""
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; name the output file")
+    named: dict[tuple[int, int], Path] = {}
+    for path in fasta:
+        if path.is_file():
+            file = path.stat()
+            first = named.setdefault((file.st_dev, file.st_ino), path)
+            if first is not path:
+                raise UserError(f"--fasta {path}: names the same file as {first}; give each input once")
+    if out.is_file() and (out.stat().st_dev, out.stat().st_ino) in named:
+        raise UserError(f"{out}: is one of the --fasta inputs; choose another --out")
 
 
 def _dry_run(args: argparse.Namespace, argv: list[str], long_sequences: LongSequencePolicy, device: torch.device,

@@ -78,14 +78,23 @@ def read_blocks(paths: Sequence[str | Path], block_bytes: int = BLOCK_BYTES) -> 
     """Validated, normalised records of every file in the order given, in blocks of about `block_bytes`
     of input (or one record, where that is longer); UserError on bad input."""
     for path in map(Path, paths):
-        if not path.is_file():
-            raise UserError(f"{path}: no such file")
+        _check_is_a_file(path)
         try:
             yield from _file_blocks(path, block_bytes)
         except (EOFError, zlib.error, gzip.BadGzipFile) as err:
             raise UserError(f"{path}: the gzip stream is truncated or corrupt ({err})") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not a FASTA file (not UTF-8 text)") from None
+        except OSError as err:
+            raise UserError(f"{path}: cannot read it ({err.strerror or err})") from None
+
+
+def _check_is_a_file(path: Path) -> None:
+    """A regular file, read twice if need be (a resumed job reads its inputs again): not a pipe or device."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a FASTA file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file (a pipe or a device); save the FASTA to a file first")
 
 
 def _open_binary(path: Path) -> BinaryIO:
@@ -165,10 +174,10 @@ def _ids(data: bytes, raw: np.ndarray, starts: np.ndarray, header_ends: np.ndarr
         high = np.flatnonzero(raw >= 0x80)
         unusual |= np.searchsorted(high, starts + 1) < np.searchsorted(high, id_ends)
     if unusual.any():  # split as Python splits text: Unicode whitespace, a leading space
-        words = [_first_word(data[s + 1 : e]) if odd else [data[s + 1 : i].decode()]
+        words = [_first_word(data[s + 1 : e]) if odd else data[s + 1 : i]
                  for s, e, i, odd in zip(starts.tolist(), header_ends.tolist(), id_ends.tolist(), unusual.tolist())]
-        no_id = np.flatnonzero([not w for w in words])
-        return "".join(f"{w[0] if w else ''}\n" for w in words).encode(), no_id
+        no_usable_id = np.flatnonzero([not word or not _is_utf8(word) for word in words])
+        return b"".join(word + NEWLINE for word in words), no_usable_id
     ends_out = np.cumsum(id_lengths + 1)
     source = np.repeat(starts + 1 - (ends_out - id_lengths - 1), id_lengths + 1) + np.arange(ends_out[-1])
     blob = raw[source]
@@ -208,26 +217,40 @@ def _without_terminal_stops(stream: bytes) -> bytes:
     return np.delete(view[:-1], stops[view[stops + 1] == ord(MARK)]).tobytes()
 
 
-def _first_word(header: bytes) -> list[str]:
-    """The header's id as a one-item list (empty without one); a description need not be UTF-8, the id must."""
+def _first_word(header: bytes) -> bytes:
+    """The header's id (empty without one), in UTF-8. A description need not be UTF-8, the id must: one
+    that is not comes back as its bytes, for `_explain` to refuse."""
     try:
-        return header.decode().split()[:1]
+        return "".join(header.decode().split()[:1]).encode()
     except UnicodeDecodeError:
-        return [word.decode() for word in header.split()[:1]]
+        return b"".join(header.split()[:1])
+
+
+def _is_utf8(text: bytes) -> bool:
+    try:
+        text.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _explain(path: Path, first_number: int, data: bytes, starts: np.ndarray, header_ends: np.ndarray,
              ids: bytes, record: int) -> None:
     """Raise the UserError for `record`, a record of the block that the fast checks refused."""
     number = first_number + record
-    record_id = ids.split(NEWLINE)[record].decode()
+    record_id = ids.split(NEWLINE)[record]
     if not record_id:
         raise UserError(f"{path}: record {number}: the header has no id")
+    if not _is_utf8(record_id):
+        raise UserError(f"{path}: record {number}: the id is not UTF-8 text")
+    where = record_where(path, number, record_id.decode())
     end = int(starts[record + 1]) if record + 1 < len(starts) else len(data)
-    sequence = data[int(header_ends[record]) : end].translate(None, WHITESPACE).decode()
-    problem = sequence_problem(sequence)
+    sequence = data[int(header_ends[record]) : end].translate(None, WHITESPACE)
+    if not _is_utf8(sequence):
+        raise UserError(f"{where}: the sequence is not UTF-8 text (a byte outside the ESM-2 protein alphabet)")
+    problem = sequence_problem(sequence.decode())
     assert problem, f"record {number} of {path} was refused but is a protein"
-    raise UserError(f"{record_where(path, number, record_id)}: {problem}")
+    raise UserError(f"{where}: {problem}")
 
 
 @dataclass(frozen=True)

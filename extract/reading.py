@@ -104,6 +104,7 @@ class Embeddings:
 
     def residues(self, protein: str, layer: int | None = None) -> np.ndarray:
         """One protein's per-residue embeddings (output with --include per_tok), one row per embedded residue."""
+        dataset = self._layer(layer, PER_TOKEN)
         (row,) = self._row_numbers([protein])
         start, end = self._file[output_file.TOKEN_OFFSETS][row : row + 2]
-        return self._layer(layer, PER_TOKEN)[start:end]
+        return dataset[start:end]

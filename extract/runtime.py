@@ -92,10 +92,13 @@ def process_group(identity: RankIdentity, device: torch.device) -> Iterator[None
     must be the current one (`current_device`)."""
     created = identity.world_size > 1 and not dist.is_initialized()
     if created:
-        if device.type == "cuda":
-            dist.init_process_group("nccl", timeout=GROUP_TIMEOUT, device_id=device)
-        else:
-            dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
+        try:
+            if device.type == "cuda":
+                dist.init_process_group("nccl", timeout=GROUP_TIMEOUT, device_id=device)
+            else:
+                dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
+        except ValueError as err:  # the rendezvous settings (MASTER_ADDR, MASTER_PORT) are missing or wrong
+            raise UserError(f"environment: cannot join the process group ({err}); start with torchrun") from None
     try:
         if in_group():
             _name_this_job()

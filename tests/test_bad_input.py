@@ -5,6 +5,7 @@ the same code path as the script, without a process start per case.
 """
 
 import gzip
+import os
 
 import h5py
 import numpy as np
@@ -105,6 +106,10 @@ REFUSED = {
     "fastq": (b"@read1\nACGT\n+\nIIII\n", "not a FASTA file (the first line does not start with '>')"),
     "binary": (bytes(range(256)) * 4, "not a FASTA file (the first line does not start with '>')"),
     "truncated gzip": (_gzip_cut(">a\nMKVLA\n"), "the gzip stream is truncated or corrupt"),
+    "latin-1 byte in a sequence": (b">a\nMKV\n>b\nMK\xc4V\n",
+                                   "record 2 (b): the sequence is not UTF-8 text (a byte outside the ESM-2 protein "
+                                   "alphabet)"),
+    "latin-1 id": (b">a\nMKV\n>b\xe9x desc\nMKV\n", "record 2: the id is not UTF-8 text"),
 }
 
 
@@ -149,6 +154,44 @@ def test_missing_fasta_is_refused(tmp_path, tiny_model_path, capsys):
     _assert_refused(capsys, code, out, f"{tmp_path / 'nowhere.fasta'}: no such file")
 
 
+@pytest.mark.parametrize("kind, problem", [("directory", "is a directory, not a FASTA file"),
+                                           ("fifo", "not a regular file (a pipe or a device); save the FASTA to a "
+                                                    "file first")])
+def test_fasta_that_is_no_regular_file_is_refused(tmp_path, tiny_model_path, capsys, kind, problem):
+    path = tmp_path / "input.fasta"
+    path.mkdir() if kind == "directory" else os.mkfifo(path)
+    code, out = _run(tmp_path, tiny_model_path, [path])
+    _assert_refused(capsys, code, out, f"{path}: {problem}")
+
+
+def test_the_same_fasta_twice_is_refused(tmp_path, tiny_model_path, capsys):
+    path = tmp_path / "input.fasta"
+    path.write_text(">a\nMKV\n")
+    code, out = _run(tmp_path, tiny_model_path, [path, tmp_path / "." / "input.fasta"])
+    _assert_refused(capsys, code, out, f"--fasta {tmp_path / '.' / 'input.fasta'}: names the same file as {path}; "
+                                       f"give each input once")
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]], ids=["plain", "overwrite"])
+def test_an_output_naming_the_input_is_refused_and_the_input_kept(tmp_path, tiny_model_path, capsys, extra):
+    path = tmp_path / "input.fasta"
+    path.write_text(">a\nMKV\n")
+    code = main(["--model", str(tiny_model_path), "--fasta", str(path), "--out", str(path), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines()[-1] == (f"esm_features: error: {path}: is one of the --fasta "
+                                                          f"inputs; choose another --out")
+    assert path.read_text() == ">a\nMKV\n" and sorted(p.name for p in tmp_path.iterdir()) == ["input.fasta"]
+
+
+def test_an_output_naming_a_directory_is_refused(tmp_path, tiny_model_path, capsys):
+    fasta = tmp_path / "input.fasta"
+    fasta.write_text(">a\nMKV\n")
+    code = main(["--model", str(tiny_model_path), "--fasta", str(fasta), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [f"esm_features: error: {tmp_path}: is a directory; name the "
+                                                      f"output file"]
+
+
 def test_output_in_a_missing_folder_is_refused_before_reading_input(tmp_path, tiny_model_path, capsys):
     out = tmp_path / "missing" / "out.h5"
     code = main(["--model", str(tiny_model_path), "--fasta", str(tmp_path / "nowhere.fasta"), "--out", str(out)])
@@ -158,3 +201,13 @@ def test_output_in_a_missing_folder_is_refused_before_reading_input(tmp_path, ti
     assert err.strip().splitlines()[-1] == (f"esm_features: error: {out}: cannot write in {out.parent} "
                                             f"(No such file or directory)")
     assert not out.parent.exists()
+
+
+def test_a_dry_run_refuses_an_output_folder_that_is_missing_as_the_run_does(tmp_path, tiny_model_path, capsys):
+    fasta, out = tmp_path / "input.fasta", tmp_path / "missing" / "out.h5"
+    fasta.write_text(">a\nMKV\n")
+    code = main(["--model", str(tiny_model_path), "--fasta", str(fasta), "--out", str(out), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (f"esm_features: error: {out}: cannot write in {out.parent} "
+                                            f"(No such file or directory)")

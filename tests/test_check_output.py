@@ -85,6 +85,11 @@ def test_files_that_cannot_be_checked_exit_2(capsys, tmp_path, output):
         assert _check(capsys, path) == (2, [], f"check_output: error: {path}: {problem}")
     code, lines, err = _check(capsys, not_hdf5)
     assert (code, lines) == (2, []) and err.startswith(f"check_output: error: {not_hdf5}: not a readable HDF5 file")
+    damaged = shutil.copy(output, tmp_path / "damaged.h5")
+    with h5py.File(damaged, "r+") as f:
+        del f["lengths"]
+    code, lines, err = _check(capsys, damaged)
+    assert (code, lines) == (2, []) and err.startswith(f"check_output: error: {damaged}: a damaged esm-features output")
     code, lines, err = _check(capsys, output, "--fasta", not_hdf5)
     assert (code, lines, err) == (2, [], f"check_output: error: {not_hdf5}: not a FASTA file "
                                          f"(the first line does not start with '>')")

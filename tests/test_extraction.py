@@ -113,14 +113,18 @@ def test_status_stays_incomplete_until_every_row_is_done(tmp_path, tiny_model_pa
     assert attrs["status"] == "incomplete"
 
 
-@pytest.mark.parametrize("flag, message", [
-    (["--repr-layers", "7"], "--repr-layers 7: the model has layers 0 to 2 (or -3 to -1 counted from the end)"),
-    (["--model", "no_such_model.pt"], "model no_such_model.pt: no such file"),
-])
-def test_usage_errors_are_one_line_and_exit_2(tmp_path, tiny_model_path, flag, message):
+@pytest.mark.parametrize("flag, message, env", [
+    (["--repr-layers", "7"], "--repr-layers 7: the model has layers 0 to 2 (or -3 to -1 counted from the end)", {}),
+    (["--model", "no_such_model.pt"], "model no_such_model.pt: no such file", {}),
+    (["--progress-seconds", "inf"], "argument --progress-seconds: 'inf' is not a positive number of seconds", {}),
+    ([], "environment: cannot join the process group (Error initializing torch.distributed using env:// rendezvous: "
+         "environment variable MASTER_ADDR expected, but not set); start with torchrun",
+     {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}),
+], ids=["layer", "model", "progress", "no-rendezvous"])
+def test_usage_errors_are_one_line_and_exit_2(tmp_path, tiny_model_path, flag, message, env):
     fasta = write_fasta(tmp_path / "in.fasta", random_proteins(2))
     out = tmp_path / "out.h5"
-    done = run_extract(_job(tiny_model_path, [fasta], out, *flag))
+    done = run_extract(_job(tiny_model_path, [fasta], out, *flag), extra_env=env)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith(f"esm_features: error: {message}")
     assert "Traceback" not in done.stderr

@@ -53,6 +53,14 @@ def test_unknown_ids_and_layers_are_named(single_process_run):
             emb.layers("bos")
 
 
+def test_residues_of_an_output_without_them_are_named(tmp_path, single_process_run):
+    path = shutil.copy(single_process_run.out, tmp_path / "means_only.h5")
+    with h5py.File(path, "r+") as f:  # as an output made without --include per_tok
+        del f["per_tok"]
+    with Embeddings(path) as emb, pytest.raises(KeyError, match="no 'per_tok' embeddings; it holds \\['mean'\\]"):
+        emb.residues(emb.ids[0])
+
+
 def test_an_unfinished_output_is_refused_unless_allowed(tmp_path, single_process_run):
     path = shutil.copy(single_process_run.out, tmp_path / "unfinished.h5")
     with h5py.File(path, "r+") as f:
