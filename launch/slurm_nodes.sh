@@ -4,8 +4,9 @@
 #
 #   launch/slurm_nodes.sh [more esm_features flags]
 #
-# Inputs, from the environment: FASTA (input file(s), separated by spaces), MODEL (fair-esm name, .pt
-# path or random:<name>), OUT (the .h5 file), EXTRA_ARGS (more esm_features flags; optional).
+# Inputs, from the environment: FASTA (input file(s) or shell patterns, separated by spaces), MODEL
+# (fair-esm name, .pt path or random:<name>), OUT (the .h5 file), EXTRA_ARGS (more esm_features flags;
+# optional).
 # From Slurm: SLURM_JOB_NODELIST (its first node hosts the rendezvous), SLURM_NNODES, SLURM_JOB_ID
 # (the rendezvous id), SLURM_CPUS_PER_TASK (passed on to srun when set).
 # Optional: RDZV_PORT (default: 20000 + SLURM_JOB_ID % 20000, so jobs sharing a node differ), and
@@ -18,7 +19,12 @@ set -euo pipefail
 : "${FASTA:?set FASTA to the input FASTA file(s), separated by spaces}"
 : "${MODEL:?set MODEL to a fair-esm name, a .pt file or random:<name>}"
 : "${OUT:?set OUT to the output .h5 file}"
-read -r -a fasta <<< "$FASTA"
+read -r -a patterns <<< "$FASTA"
+fasta=()
+for pattern in "${patterns[@]}"; do
+  # shellcheck disable=SC2206  # expand shell patterns such as reads_*.faa (sorted); no match stays as written
+  fasta+=($pattern)
+done
 read -r -a extra <<< "${EXTRA_ARGS:-}"
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

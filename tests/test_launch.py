@@ -41,3 +41,17 @@ def test_sigusr1_to_the_launcher_stops_the_workers(stopped_launch):
     assert console.count("closing signal SIGTERM") == 2  # torchrun's note for each worker it signals
     assert stopped_launch.leftovers == []
     assert "status is 'incomplete': the job has not finished; rerun it to resume" in find_problems(stopped_launch.out)
+
+
+def test_bad_input_under_the_launcher_ends_with_its_line_and_exit_2(tmp_path, tiny_model_path):
+    fasta = tmp_path / "bad.fasta"
+    fasta.write_text(">a\nMKV\n>b\nMK1V\n")
+    env = launch_env(NPROC=1, MAX_RESTARTS=1, LOG_DIR=tmp_path / "logs")
+    done = subprocess.run([str(LOCAL_LAUNCHER), "--model", str(tiny_model_path), "--fasta", str(fasta), "--out",
+                           str(tmp_path / "out.h5")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    console = done.stdout + done.stderr
+    assert done.returncode == 2, console
+    assert f"esm_features: error: {fasta}: record 2 (b): character(s) '1' not in the ESM-2 protein alphabet" in console
+    assert console.strip().splitlines()[-1] == "torchrun: the workers failed (rank 0 first, exit code 2); their own " \
+                                               "lines say why"
+    assert "Traceback" not in console

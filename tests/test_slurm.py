@@ -46,8 +46,8 @@ def test_one_node_template_runs_one_rank_per_gpu_or_one_on_a_cpu(tmp_path, tiny_
 def two_node_job(tmp_path_factory, tiny_model_path, capsid_fasta):
     where = tmp_path_factory.mktemp("two_nodes")
     out, report = where / "two.h5", where / "two.json"
-    env = slurm_env(where / "slurm", FASTA=capsid_fasta, MODEL=tiny_model_path, OUT=out, NPROC=1,
-                    EXTRA_ARGS=" ".join(SMALL_JOB_FLAGS))
+    env = slurm_env(where / "slurm", FASTA=capsid_fasta.parent / "caps*.fasta", MODEL=tiny_model_path, OUT=out,
+                    NPROC=1, EXTRA_ARGS=" ".join(SMALL_JOB_FLAGS))  # a shell pattern, as the template's example
     done = sbatch("multi_node.sbatch", env, where, script_args=("--report", report))
     log = (where / "esm_features_1000.log").read_text()
     assert done.returncode == 0, log
