@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from extract import fasta
+from extract import fasta, output_file
 from extract.errors import JobError, UserError
 
 FORMAT = "esm-features input index 1"
@@ -152,8 +152,11 @@ def prepare(paths: Sequence[Path], directory: Path) -> bool:
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir()
         build(paths, building)
+        for saved in (*building.iterdir(), building):  # durable before a resumed job trusts it
+            output_file.sync(saved)
         shutil.rmtree(directory, ignore_errors=True)
         building.rename(directory)
+        output_file.sync(directory.parent)
     except OSError as err:
         raise UserError(f"{directory}: cannot write the input index ({err.strerror or err})") from None
     finally:

@@ -100,7 +100,9 @@ def create(path: Path, layout: FileLayout, attrs: Mapping) -> None:
                               (layout.rows(ds), ds.width), layout.storage_dtype)
             f.attrs.update({k: _attr(v) for k, v in attrs.items()})
             f.attrs["status"] = INCOMPLETE
+        sync(partial)  # durable before it takes the output's name: a crash leaves the old file or this one
         os.replace(partial, path)
+        sync(path.parent)
     except OSError as err:
         partial.unlink(missing_ok=True)
         raise UserError(f"{path}: cannot create the output file ({err.strerror or err})") from None
@@ -159,7 +161,7 @@ def mark_complete(path: Path, extra_attrs: Mapping) -> np.ndarray:
             f.attrs.update({k: _attr(v) for k, v in extra_attrs.items()})
             if missing.size == 0:
                 f.attrs["status"] = COMPLETE
-        _sync(path)  # "complete" is said only once the file says so durably
+        sync(path)  # "complete" is said only once the file says so durably
     except OSError as err:
         raise JobError(f"{path}: cannot record the end of this run ({err}); every finished row is kept; "
                        f"rerun the same command to finish") from None
@@ -181,7 +183,8 @@ def _opened_for_update(path: Path) -> h5py.File:
             time.sleep(LOCK_POLL_SECONDS)
 
 
-def _sync(path: Path) -> None:
+def sync(path: Path) -> None:
+    """Make a file's data, or a directory's entries, durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
