@@ -106,10 +106,6 @@ REFUSED = {
     "fastq": (b"@read1\nACGT\n+\nIIII\n", "not a FASTA file (the first line does not start with '>')"),
     "binary": (bytes(range(256)) * 4, "not a FASTA file (the first line does not start with '>')"),
     "truncated gzip": (_gzip_cut(">a\nMKVLA\n"), "the gzip stream is truncated or corrupt"),
-    "latin-1 byte in a sequence": (b">a\nMKV\n>b\nMK\xc4V\n",
-                                   "record 2 (b): the sequence is not UTF-8 text (a byte outside the ESM-2 protein "
-                                   "alphabet)"),
-    "latin-1 id": (b">a\nMKV\n>b\xe9x desc\nMKV\n", "record 2: the id is not UTF-8 text"),
 }
 
 
