@@ -107,11 +107,13 @@ def check_writable(job: JobSettings) -> None:
         reason = os.strerror(errno.EACCES if job.out.parent.is_dir() else errno.ENOENT)
         raise UserError(f"{job.out}: cannot write in {job.out.parent} ({reason})")
     report = job.report
-    if report is not None and report.is_dir():
+    if report is None:
+        return
+    if report.is_dir():
         raise UserError(f"--report {report}: is a directory; name a file in it")
-    if report is not None and not os.access(report.parent, os.W_OK):
+    if not os.access(report.parent, os.W_OK):
         raise UserError(f"--report {report}: cannot write a file in {report.parent}")
-    if report is not None and report.exists() and not os.access(report, os.W_OK):
+    if report.exists() and not os.access(report, os.W_OK):
         raise UserError(f"--report {report}: exists and may not be written")
 
 
