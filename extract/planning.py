@@ -85,10 +85,15 @@ class Work:
             f"rows: {rows:,} to write, {residues:,} residues",
             f"compute: {computed:,} rows ({_share(rows - computed, rows)} of the rows take the values of an "
             f"identical sequence, saving {_share(saved, residues)} of the residues)",
-            f"batches: {len(self.plan.batches):,} of <= {self.toks_per_batch:,} padded tokens, {padded:,} in all "
-            f"({_share(padding, padded)} padding); plan {self.plan.digest()[:16]}",
+            f"batches: {len(self.plan.batches):,} of <= {self.toks_per_batch:,} padded tokens{self._oversized()}, "
+            f"{padded:,} in all ({_share(padding, padded)} padding); plan {self.plan.digest()[:16]}",
             f"ranks: {world_size}, padded tokens per rank {shown}",
         ]
+
+    def _oversized(self) -> str:
+        """How many batches are one protein longer than the budget, which `plan_batches` gives a batch alone."""
+        alone = int(np.count_nonzero(self.plan.batch_tokens > self.toks_per_batch))
+        return f" ({alone:,} of them one protein longer than that, alone)" if alone else ""
 
 
 def _share(part: int, whole: int) -> str:

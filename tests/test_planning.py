@@ -124,3 +124,12 @@ def test_nothing_pending_plans_nothing():
     work = plan_work(np.empty(0, np.int64), np.arange(4), np.full(4, 10), 100)
     assert work.plan.batches == [] and work.computed.size == 0
     assert work.describe(np.full(4, 8), 2)[0] == "rows: 0 to write, 0 residues"
+
+
+def test_the_description_counts_the_batches_of_one_protein_longer_than_the_budget():
+    tokens = np.array([30, 250, 40, 120, 20])  # rows 1 and 3 are longer than 100 tokens
+    work = plan_work(np.arange(5), None, tokens, 100)
+    batches_line = work.describe(tokens - 2, 1)[2]
+    assert batches_line.startswith("batches: 4 of <= 100 padded tokens (2 of them one protein longer than that, "
+                                   "alone), 470 in all (")
+    assert "longer than that" not in plan_work(np.arange(5), None, tokens, 300).describe(tokens - 2, 1)[2]
