@@ -38,9 +38,11 @@ def create_parser() -> argparse.ArgumentParser:
                         help="fair-esm name (e.g. esm2_t33_650M_UR50D), path to a fair-esm .pt, or random:<name>")
     parser.add_argument("--fasta", required=True, nargs="+", type=Path, help="protein FASTA files, plain or gzip")
     parser.add_argument("--out", required=True, type=Path, help="the HDF5 output file")
-    parser.add_argument("--repr-layers", type=int, nargs="+", default=[-1],
+    # Given twice, these add up (`--include mean --include bos` stores both); their defaults are set after parsing,
+    # because argparse would add to them.
+    parser.add_argument("--repr-layers", type=int, nargs="+", action="extend",
                         help="layers to keep; negative counts from the end, 0 is the embeddings (default: -1)")
-    parser.add_argument("--include", nargs="+", choices=OUTPUTS, default=["mean"],
+    parser.add_argument("--include", nargs="+", choices=OUTPUTS, action="extend",
                         help="representations to store: mean over residues, the BOS token, every residue "
                              "(default: mean)")
     parser.add_argument("--toks-per-batch", default="auto", type=_token_budget,
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         args = create_parser().parse_args(argv)
     except SystemExit as exit_request:  # argparse printed the usage or --help; return its code
         return int(exit_request.code or 0)
+    args.repr_layers, args.include = args.repr_layers or [-1], args.include or ["mean"]
     try:
         run(args, argv)
     except (UserError, JobError, StopRequested) as err:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from extract import output_file
+from extract.esm_features import main
 from extract.errors import UserError
 from fair_esm_reference import fair_esm_tokens, load_fair_esm
 from jobs import phage_sample, random_proteins, run_extract, write_fasta
@@ -87,6 +88,17 @@ def test_bos_alone_is_fair_esms_bos_and_nothing_else(tmp_path, tiny_model_path, 
     assert sorted(name for name in data if "/" in name) == ["bos/layer_2"] and attrs["status"] == "complete"
     for row, reps in enumerate(expected):
         assert np.abs(data["bos/layer_2"][row] - reps[2][0]).max() <= 1e-4
+
+
+def test_flags_given_twice_add_up(tmp_path, tiny_model_path):
+    fasta = write_fasta(tmp_path / "in.fasta", random_proteins(3, max_len=40))
+    out = tmp_path / "twice.h5"
+    assert main(_job(tiny_model_path, fasta, out, "--include", "mean", "--include", "bos", "--repr-layers", "0",
+                     "--repr-layers", "-1")) == 0
+    data, attrs = _read(out)
+    assert sorted(name for name in data if "/" in name) == ["bos/layer_0", "bos/layer_2", "mean/layer_0",
+                                                            "mean/layer_2"]
+    assert attrs["include"] == '["mean", "bos"]' and attrs["repr_layers"] == "[0, 2]"
 
 
 def test_float16_is_the_float32_result_rounded_once_in_half_the_file(phage_runs):
