@@ -4,8 +4,8 @@
 
 CALLS.json holds a list of argument lists. Each rank writes RESULTS.rank<R>.json: the exit codes, whether
 the group is still initialised, the sum of (rank + 1) over the group afterwards, and threads left over.
-With STOP_RANK_1_AFTER_ITS_FIRST_BATCH set, rank 1 sends itself SIGTERM in the first call's first batch,
-then waits a few seconds, so that rank 0 is done with its own batches first.
+With STOP_RANK_1_IN_ITS_FIRST_BATCH set, rank 1 sends itself SIGTERM in the first call's first batch, and
+rank 0 takes two seconds more to mark the output, so that rank 1 waits for it at the last barrier.
 """
 
 import json
@@ -20,29 +20,37 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from extract import batch_runner  # noqa: E402
+from extract import batch_runner, output_file  # noqa: E402
 from extract.esm_features import main as esm_features  # noqa: E402
 
 
-def stop_rank_1_after_its_first_batch() -> None:
+def stop_rank_1_in_its_first_batch() -> None:
+    if dist.get_rank() == 0:
+        mark_complete = output_file.mark_complete
+
+        def slowly(*args, **kwargs):
+            time.sleep(2)
+            return mark_complete(*args, **kwargs)
+
+        output_file.mark_complete = slowly
+        return
     run = batch_runner.BatchRunner.run
     first = [True]
 
-    def run_then_stop(self, prepared):
-        if dist.get_rank() == 1 and first[0]:
+    def stop_then_run(self, prepared):
+        if first[0]:
             first[0] = False
             os.kill(os.getpid(), signal.SIGTERM)  # a stop request, acted on at this rank's next safe point
-            time.sleep(3)
         return run(self, prepared)
 
-    batch_runner.BatchRunner.run = run_then_stop
+    batch_runner.BatchRunner.run = stop_then_run
 
 
 def main() -> None:
     calls = json.loads(Path(sys.argv[1]).read_text())
     dist.init_process_group("gloo")
-    if os.environ.get("STOP_RANK_1_AFTER_ITS_FIRST_BATCH"):
-        stop_rank_1_after_its_first_batch()
+    if os.environ.get("STOP_RANK_1_IN_ITS_FIRST_BATCH"):
+        stop_rank_1_in_its_first_batch()
     threads = threading.active_count()
     codes = [esm_features(argv) for argv in calls]
     total = torch.tensor([dist.get_rank() + 1])

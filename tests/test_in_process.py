@@ -39,14 +39,15 @@ def test_main_uses_the_callers_group_repeatedly_and_leaves_it_initialised(tmp_pa
 
 def test_a_rank_stopped_while_its_peer_finishes_stops_both_and_the_group_stays_usable(tmp_path, tiny_model_path,
                                                                                          capsid_fasta):
-    """Rank 1 (one batch) is asked to stop and reaches the last barrier first, waiting while rank 0 marks the
-    file: it must not leave alone with rank 0 going on into a collective, or the next call hangs."""
+    """Rank 1 (one batch) is asked to stop and waits at a barrier for rank 0 (at the last one while rank 0
+    marks the file, at the latest): it must not leave alone with rank 0 going on into a collective, or the
+    next call hangs."""
     out = tmp_path / "capsid.h5"
     job = ["--model", str(tiny_model_path), "--fasta", str(capsid_fasta), "--out", str(out)]
     (tmp_path / "calls.json").write_text(json.dumps([job, job]))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(DRIVER), str(tmp_path / "calls.json"), str(tmp_path / "result")],
-                          env={**clean_env(), "STOP_RANK_1_AFTER_ITS_FIRST_BATCH": "1"}, capture_output=True,
+                          env={**clean_env(), "STOP_RANK_1_IN_ITS_FIRST_BATCH": "1"}, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("1 of the batches are this rank's") == 2  # so rank 1's next stop is at a barrier
