@@ -231,7 +231,8 @@ def _failed_rows_error(job: JobSettings, failed_ids: list[str]) -> JobError:
 def _finish(job: JobSettings, report: dict, log: logging.Logger) -> None:
     """On rank 0, after every rank has closed its writes: mark the file complete or say what is missing;
     store the run report in the file and, with --report, in its own file."""
-    missing = output_file.mark_complete(job.out, {"last_run": report})
+    # A rerun that only marks the file keeps the report of the run that computed its rows.
+    missing = output_file.mark_complete(job.out, {"last_run": report} if report["total"]["rows"] else {})
     if job.report is not None:
         status = output_file.INCOMPLETE if missing.size else output_file.COMPLETE
         run_report.write(job.report, {"status": status, "out": str(job.out), **report})

@@ -4,6 +4,7 @@
 """
 
 import hashlib
+import json
 import subprocess
 import sys
 
@@ -108,6 +109,7 @@ def test_a_reader_holding_the_file_at_the_end_is_waited_for_then_told(job, capsy
     assert "rows: 0 to write" in capsys.readouterr().err
     with h5py.File(out, "r") as f:
         assert f.attrs["status"] == "complete"
+        assert json.loads(f.attrs["last_run"])["total"]["rows"] == 6  # a run that computed rows says what it did
 
 
 def test_overwrite_replaces_an_output_made_differently(tmp_path, tiny_model_path, job):
