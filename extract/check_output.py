@@ -20,9 +20,9 @@ if __package__ in (None, ""):  # started as a script: make the `extract` package
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
-from extract import output_file  # noqa: E402
+from extract.output import hdf5_file  # noqa: E402
 from extract.errors import UserError  # noqa: E402
-from extract.fasta import read_inputs  # noqa: E402
+from extract.data.fasta import read_inputs  # noqa: E402
 
 READ_BYTES = 64 << 20  # a dataset is scanned for NaN and inf in blocks of about this size
 NAMED = 3  # ids named per problem
@@ -52,8 +52,8 @@ def _rows_not_finite(dataset: h5py.Dataset) -> np.ndarray:
 
 def _records_of(dataset: h5py.Dataset, f: h5py.File, records: int) -> Callable[[np.ndarray], np.ndarray] | None:
     """Maps rows of `dataset` to the records they belong to; None for a dataset not made of records' rows."""
-    if dataset.name.startswith(f"/{output_file.PER_TOKEN_GROUP}/") and output_file.TOKEN_OFFSETS in f:
-        offsets = f[output_file.TOKEN_OFFSETS][:]
+    if dataset.name.startswith(f"/{hdf5_file.PER_TOKEN_GROUP}/") and hdf5_file.TOKEN_OFFSETS in f:
+        offsets = f[hdf5_file.TOKEN_OFFSETS][:]
         return lambda rows: np.searchsorted(offsets, rows, side="right") - 1
     return (lambda rows: rows) if dataset.shape[0] == records else None
 
@@ -109,11 +109,11 @@ def find_problems(path: Path, fasta: list[Path] | None = None) -> list[str]:
         raise UserError(f"{path}: no such file")
     try:
         with h5py.File(path, "r", locking=False) as f:
-            output_file.require_ours(path, f.attrs)
+            hdf5_file.require_ours(path, f.attrs)
             ids = f["ids"].asstr()[:]
             lengths = f["lengths"][:]
             done = f["done"][:].astype(bool)
-            problems = [] if f.attrs["status"] == output_file.COMPLETE else [
+            problems = [] if f.attrs["status"] == hdf5_file.COMPLETE else [
                 f"status is {f.attrs['status']!r}: the job has not finished; rerun it to resume"]
             if not done.all():
                 problems.append(f"{np.count_nonzero(~done)} of {done.size} rows are not done "

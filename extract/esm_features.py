@@ -20,14 +20,19 @@ if __package__ in (None, ""):  # started as a script: make the `extract` package
 
 import torch  # noqa: E402
 
-from extract import dry_run, input_index, output_lock, run_report, runtime, stopping  # noqa: E402
-from extract.engine import JobSettings, run_job  # noqa: E402
+from extract.data import input_index  # noqa: E402
+from extract.engine import dry_run, run_report  # noqa: E402
+from extract.engine.job import JobSettings, run_job  # noqa: E402
 from extract.errors import JobError, StopRequested, UserError  # noqa: E402
-from extract.esm2_embedder import DTYPES, Esm2Embedder, choose_dtype  # noqa: E402
-from extract.long_sequences import MODES, LongSequencePolicy  # noqa: E402
-from extract.model_loading import LoadedModel, checkpoint_sha256, load_model  # noqa: E402
-from extract.output_file import STORAGE_DTYPES  # noqa: E402
-from extract.pooling import OUTPUTS  # noqa: E402
+from extract.models.esm2.checkpoints import LoadedModel, checkpoint_sha256, load_model  # noqa: E402
+from extract.models.esm2.embedder import Esm2Embedder  # noqa: E402
+from extract.models.long_sequences import MODES, LongSequencePolicy  # noqa: E402
+from extract.models.pooling import OUTPUTS  # noqa: E402
+from extract.output.hdf5_file import STORAGE_DTYPES  # noqa: E402
+from extract.output.lock import held_by_leader  # noqa: E402
+from extract.runtime import collectives, stopping  # noqa: E402
+from extract.runtime.device import DTYPES, choose_device, choose_dtype, current_device  # noqa: E402
+from extract.runtime.identity import RankIdentity, rank_logger  # noqa: E402
 
 REPORTED_PACKAGES = ("torch", "fair-esm", "h5py", "numpy", "biopython")
 
@@ -108,7 +113,7 @@ def _embedder(args: argparse.Namespace, loaded: LoadedModel, long_sequences: Lon
 
 def _job_settings(args: argparse.Namespace, argv: list[str], embedder: Esm2Embedder) -> JobSettings:
     # Every rank plans alike: an automatic budget is the smallest any rank's free memory allows.
-    budget = min(runtime.gather(embedder.auto_token_budget())) if args.toks_per_batch == "auto" \
+    budget = min(collectives.gather(embedder.auto_token_budget())) if args.toks_per_batch == "auto" \
         else args.toks_per_batch
     context = {"arguments": argv, "versions": run_report.package_versions(REPORTED_PACKAGES)}
     return JobSettings(args.out, budget, args.overwrite, args.progress_seconds, args.storage_dtype, args.report,
@@ -120,27 +125,27 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     when a signal stopped it."""
     started = time.monotonic()
     _check_paths(args.fasta, args.out)
-    identity = runtime.RankIdentity.from_env()
-    log = runtime.rank_logger(identity)
-    device = runtime.choose_device(args.device, identity)
+    identity = RankIdentity.from_env()
+    log = rank_logger(identity)
+    device = choose_device(args.device, identity)
     long_sequences = LongSequencePolicy.from_options(args.long_sequences, args.truncation_seq_length,
                                                      args.window_overlap)
     if args.dry_run is not None:
         if identity.is_leader:
             _dry_run(args, argv, long_sequences, device, args.dry_run or identity.world_size)
         return
-    with stopping.stop_on_signals(), runtime.current_device(device), runtime.process_group(identity, device), \
-            output_lock.held_by_leader(identity, args.out, log):
+    with stopping.stop_on_signals(), current_device(device), collectives.process_group(identity, device), \
+            held_by_leader(identity, args.out, log):
         # The model first: it loads in moments (memory-mapped), while reading millions of proteins takes
         # minutes that a bad --model should not cost.
         dtype = choose_dtype(args.dtype, device)
-        loaded = load_model(args.model, lambda: runtime.local_leader_first(identity), device, dtype)
+        loaded = load_model(args.model, lambda: collectives.local_leader_first(identity), device, dtype)
         # The fingerprint tells apart checkpoints of one file name by their contents: rank 0 hashes the file.
-        sha256 = runtime.leader_decides(identity, lambda: checkpoint_sha256(args.model))
+        sha256 = collectives.leader_decides(identity, lambda: checkpoint_sha256(args.model))
         loaded = dataclasses.replace(loaded, sha256=sha256)
         embedder = _embedder(args, loaded, long_sequences, device, dtype)
         index_directory = input_index.directory_for(args.out)
-        reused = runtime.leader_decides(identity, lambda: input_index.prepare(args.fasta, index_directory))
+        reused = collectives.leader_decides(identity, lambda: input_index.prepare(args.fasta, index_directory))
         inputs = input_index.load(index_directory)
         try:
             if identity.is_leader:

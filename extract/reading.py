@@ -16,8 +16,8 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from extract import output_file
-from extract.output_file import PER_TOKEN_GROUP as PER_TOKEN
+from extract.output import hdf5_file
+from extract.output.hdf5_file import PER_TOKEN_GROUP as PER_TOKEN
 
 
 class Embeddings:
@@ -28,8 +28,8 @@ class Embeddings:
         self.path = Path(path)
         self._file = h5py.File(self.path, "r", locking=False)
         try:
-            output_file.require_ours(self.path, self._file.attrs)
-            if self._file.attrs["status"] != output_file.COMPLETE and not allow_incomplete:
+            hdf5_file.require_ours(self.path, self._file.attrs)
+            if self._file.attrs["status"] != hdf5_file.COMPLETE and not allow_incomplete:
                 raise ValueError(f"{self.path}: the job that writes it has not finished "
                                  f"(status {self._file.attrs['status']!r}); rerun it, or pass allow_incomplete=True")
         except BaseException:
@@ -106,5 +106,5 @@ class Embeddings:
         """One protein's per-residue embeddings (output with --include per_tok), one row per embedded residue."""
         dataset = self._layer(layer, PER_TOKEN)
         (row,) = self._row_numbers([protein])
-        start, end = self._file[output_file.TOKEN_OFFSETS][row : row + 2]
+        start, end = self._file[hdf5_file.TOKEN_OFFSETS][row : row + 2]
         return dataset[start:end]

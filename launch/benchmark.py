@@ -30,8 +30,8 @@ if __package__ in (None, ""):  # started as a script: make the repo's packages i
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from extract.fasta import read_inputs  # noqa: E402
-from extract.model_loading import RANDOM_PREFIX, fair_esm_checkpoint, load_model  # noqa: E402
+from extract.data.fasta import read_inputs  # noqa: E402
+from extract.models.esm2.checkpoints import RANDOM_PREFIX, fair_esm_checkpoint, load_model  # noqa: E402
 from extract.reading import Embeddings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from esm.model.esm2 import ESM2  # noqa: E402
 from esm.rotary_embedding import RotaryEmbedding  # noqa: E402
 
-from extract.model_loading import ESM2_ARCHITECTURES, fair_esm_checkpoint, load_model  # noqa: E402
+from extract.models.esm2.checkpoints import ESM2_ARCHITECTURES, fair_esm_checkpoint, load_model  # noqa: E402
 
 READ_CHUNK = 64 << 20
 CONTACT_REGRESSION = ("contact_head.regression.weight", "contact_head.regression.bias")

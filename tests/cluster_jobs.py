@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from extract.output_file import DoneFlags
+from extract.output.hdf5_file import DoneFlags
 from jobs import REPO, clean_env
 
 # Small batches, so that even 16 short proteins take several; progress reports every 50 ms.

@@ -9,7 +9,7 @@ import torch
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from cluster_jobs import SMALL_JOB_FLAGS, run_on_terminal
-from extract.model_loading import build_random_esm2, fair_esm_checkpoint
+from extract.models.esm2.checkpoints import build_random_esm2, fair_esm_checkpoint
 from jobs import clean_env, extract_command, write_fasta
 from long_job import LongJob
 

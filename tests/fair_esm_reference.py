@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from esm.data import BatchConverter
 
-from extract.long_sequences import LongSequencePolicy
+from extract.models.long_sequences import LongSequencePolicy
 
 
 def fair_esm_tokens(

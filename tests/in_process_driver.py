@@ -20,19 +20,20 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from extract import batch_runner, output_file  # noqa: E402
+from extract.engine import batch_runner  # noqa: E402
+from extract.output import hdf5_file  # noqa: E402
 from extract.esm_features import main as esm_features  # noqa: E402
 
 
 def stop_rank_1_in_its_first_batch() -> None:
     if dist.get_rank() == 0:
-        mark_complete = output_file.mark_complete
+        mark_complete = hdf5_file.mark_complete
 
         def slowly(*args, **kwargs):
             time.sleep(2)
             return mark_complete(*args, **kwargs)
 
-        output_file.mark_complete = slowly
+        hdf5_file.mark_complete = slowly
         return
     run = batch_runner.BatchRunner.run
     first = [True]

@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from extract.output_file import DoneFlags
+from extract.output.hdf5_file import DoneFlags
 from jobs import clean_env, extract_command, process_tree
 
 

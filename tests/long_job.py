@@ -11,7 +11,7 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from extract.output_lock import lock_path
+from extract.output.lock import lock_path
 from fair_esm_reference import fair_esm_means, load_fair_esm
 from job_control import start_extract, wait_for_done_rows
 from jobs import random_proteins, run_extract, write_fasta

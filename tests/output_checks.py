@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 
 from extract.check_output import find_problems
-from extract.fasta import read_inputs
+from extract.data.fasta import read_inputs
 from fair_esm_reference import fair_esm_means, load_fair_esm
 
 

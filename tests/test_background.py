@@ -1,11 +1,11 @@
-"""Work on threads of their own (extract/background.py): made ahead of its consumer, run behind its caller,
+"""Work on threads of their own (extract/engine/background.py): made ahead of its consumer, run behind its caller,
 with failures raised in the caller's thread as they were raised, and no thread left behind."""
 
 import threading
 
 import pytest
 
-from extract.background import RunAhead, RunBehind
+from extract.engine.background import RunAhead, RunBehind
 from extract.errors import JobError, StopRequested, UserError
 
 WAIT = 60  # seconds before a test that waits on another thread gives up (a hang, never a speed limit)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from extract import check_output
-from extract.fasta import read_inputs
+from extract.data.fasta import read_inputs
 from jobs import REPO, write_fasta
 
 

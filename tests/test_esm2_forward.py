@@ -7,10 +7,10 @@ import pytest
 import torch
 from esm.data import BatchConverter
 
-from extract.esm2_chunked_attention import chunked_forward
-from extract import esm2_forward
-from extract.esm2_forward import JAGGED, PACKINGS, PADDED, PER_SEQUENCE, embed_batch, esm2_representations
-from extract.model_loading import build_random_esm2, load_model
+from extract.models.esm2.chunked_attention import chunked_forward
+from extract.models.esm2 import forward as esm2_forward
+from extract.models.esm2.forward import JAGGED, PACKINGS, PADDED, PER_SEQUENCE, embed_batch, esm2_representations
+from extract.models.esm2.checkpoints import build_random_esm2, load_model
 from fair_esm_reference import fair_esm_means
 from jobs import AMINO_ACIDS, phage_sample
 

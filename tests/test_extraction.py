@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from extract import output_file
+from extract.output import hdf5_file
 from fair_esm_reference import fair_esm_means, load_fair_esm
 from jobs import phage_sample, random_proteins, run_extract, write_fasta
 
@@ -107,8 +107,8 @@ def test_status_stays_incomplete_until_every_row_is_done(tmp_path, tiny_model_pa
     assert run_extract(_job(tiny_model_path, [fasta], out)).returncode == 0
     with h5py.File(out, "r+") as f:  # as if a rank died before writing its last row
         f["done"][3] = 0
-        f.attrs["status"] = output_file.INCOMPLETE
-    assert output_file.mark_complete(out, {}).tolist() == [3]
+        f.attrs["status"] = hdf5_file.INCOMPLETE
+    assert hdf5_file.mark_complete(out, {}).tolist() == [3]
     _, attrs = _read(out)
     assert attrs["status"] == "incomplete"
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
-from extract import fasta
+from extract.data import fasta
 from extract.errors import UserError
 from jobs import random_proteins, write_fasta
 

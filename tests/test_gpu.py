@@ -9,8 +9,8 @@ import pytest
 import torch
 from esm.data import BatchConverter
 
-from extract.esm2_forward import JAGGED, PADDED, default_packing, embed_batch
-from extract.model_loading import build_random_esm2
+from extract.models.esm2.forward import JAGGED, PADDED, default_packing, embed_batch
+from extract.models.esm2.checkpoints import build_random_esm2
 from fair_esm_reference import fair_esm_means, load_fair_esm
 from jobs import phage_sample, run_extract, write_fasta
 

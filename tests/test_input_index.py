@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from extract import input_index
+from extract.data import input_index
 from extract.errors import UserError
 from jobs import write_fasta
 

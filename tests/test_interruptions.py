@@ -10,8 +10,8 @@ import pytest
 
 from cluster_jobs import LOCAL_LAUNCHER, launch_env
 from extract.errors import peers_lost
-from extract.output_lock import lock_path
-from extract.planning import plan_batches
+from extract.output.lock import lock_path
+from extract.engine.planning import plan_batches
 from job_control import is_running, start_extract, wait_for_done, wait_for_done_rows, worker_pids
 from jobs import REPO, run_extract
 from long_job import ROWS, read_output

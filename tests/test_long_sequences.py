@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from extract.long_sequences import LongSequencePolicy
+from extract.models.long_sequences import LongSequencePolicy
 from fair_esm_reference import fair_esm_windowed, load_fair_esm, most_central_window
 from jobs import AMINO_ACIDS, phage_sample, run_extract, write_fasta
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from extract.esm2_embedder import Esm2Embedder
-from extract.long_sequences import LongSequencePolicy
-from extract.model_loading import load_model
+from extract.models.esm2.embedder import Esm2Embedder
+from extract.models.long_sequences import LongSequencePolicy
+from extract.models.esm2.checkpoints import load_model
 from fair_esm_reference import fair_esm_tokens, load_fair_esm
 
 CONTACT_REGRESSION = ("contact_head.regression.weight", "contact_head.regression.bias")

@@ -9,19 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from extract import input_index, runtime
-from extract.engine import JobSettings, run_job
+from extract.data import input_index
+from extract.runtime.identity import RankIdentity, rank_logger
+from extract.engine.job import JobSettings, run_job
 from extract.errors import JobError
-from extract.esm2_embedder import Esm2Embedder
-from extract.long_sequences import LongSequencePolicy
-from extract.model_loading import load_model
-from extract.planning import plan_batches
-from extract.pooling import OUTPUTS
+from extract.models.esm2.embedder import Esm2Embedder
+from extract.models.long_sequences import LongSequencePolicy
+from extract.models.esm2.checkpoints import load_model
+from extract.engine.planning import plan_batches
+from extract.models.pooling import OUTPUTS
 from fair_esm_reference import fair_esm_tokens, fair_esm_windowed, load_fair_esm
 from jobs import phage_sample, write_fasta
 
 LAYERS = [1, 2]
-SINGLE_RANK = runtime.RankIdentity(0, 0, 1)
+SINGLE_RANK = RankIdentity(0, 0, 1)
 
 
 class OutOfMemoryAbove:
@@ -81,7 +82,7 @@ def _job(tmp_path, records, embedder, budget=2048):
     index = input_index.directory_for(out)
     input_index.prepare([write_fasta(tmp_path / "in.fasta", records)], index)
     inputs = input_index.load(index)
-    log = runtime.rank_logger(SINGLE_RANK)
+    log = rank_logger(SINGLE_RANK)
     run = lambda: run_job(SINGLE_RANK, inputs, embedder, JobSettings(out, budget, False), log, time.monotonic())
     return inputs, out, run
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from extract.esm_features import main
-from extract.model_loading import ESM2_ARCHITECTURES
-from extract.output_lock import lock_path
+from extract.models.esm2.checkpoints import ESM2_ARCHITECTURES
+from extract.output.lock import lock_path
 from job_control import start_extract, wait_for_done_rows
 from jobs import random_proteins, write_fasta
 from long_job import LAYER

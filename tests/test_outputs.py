@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from extract import output_file
+from extract.output import hdf5_file
 from extract.esm_features import main
 from extract.errors import UserError
 from fair_esm_reference import fair_esm_tokens, load_fair_esm
@@ -133,12 +133,12 @@ def test_planned_size_is_printed_and_covers_the_file(phage_runs, dtype):
     with h5py.File(out, "r") as f:
         ids = f["ids"].asstr()[()].tolist()
         lengths, truncated = f["lengths"][()], f["truncated"][()].astype(bool)
-        datasets = [output_file.RowDataset(name, ds.shape[1], per_token=name.startswith("per_tok"))
+        datasets = [hdf5_file.RowDataset(name, ds.shape[1], per_token=name.startswith("per_tok"))
                     for name, ds in _datasets(f) if name.split("/")[0] in ("mean", "bos", "per_tok")
                     and name != "per_tok/offsets"]
-    layout = output_file.FileLayout(ids, lengths, np.where(truncated, 1022, lengths), datasets, dtype)
+    layout = hdf5_file.FileLayout(ids, lengths, np.where(truncated, 1022, lengths), datasets, dtype)
     planned = layout.planned_bytes()
-    assert f"output {out}: {output_file.format_bytes(planned)} planned" in stderr
+    assert f"output {out}: {hdf5_file.format_bytes(planned)} planned" in stderr
     assert os.path.getsize(out) <= planned <= os.path.getsize(out) + 64 * 1024 + 16 * len(ids)
 
 
@@ -163,14 +163,14 @@ def test_an_existing_output_counts_towards_the_room_it_needs(small_file_system):
     out = small_file_system / "out.h5"
     out.write_bytes(os.urandom(512 * 1024))  # a dense half of the file system, resumed or overwritten
     free = shutil.disk_usage(small_file_system).free
-    assert output_file.check_room(out, 800 * 1024) == free  # 288 KiB more than it already holds
+    assert hdf5_file.check_room(out, 800 * 1024) == free  # 288 KiB more than it already holds
     with pytest.raises(UserError, match=r"out.h5: the output needs 1\.\d MiB more but its file system has "):
-        output_file.check_room(out, 1600 * 1024)
+        hdf5_file.check_room(out, 1600 * 1024)
 
 
 def test_room_check_on_the_real_file_system(tmp_path):
     free = shutil.disk_usage(tmp_path).free
     out = tmp_path / "out.h5"
     with pytest.raises(UserError, match=f"^{out}: the output needs .* more but its file system has .* free; "):
-        output_file.check_room(out, free + (256 << 20))
-    assert output_file.check_room(out, 1 << 20) > 0
+        hdf5_file.check_room(out, free + (256 << 20))
+    assert hdf5_file.check_room(out, 1 << 20) > 0

@@ -2,7 +2,7 @@
 written behind it); what goes wrong there ends the job as it would without them: one line, its exit code,
 every row marked done correct."""
 
-from extract import input_index
+from extract.data import input_index
 
 
 def test_an_input_index_damaged_mid_run_stops_the_job_with_one_line(tmp_path, long_job):

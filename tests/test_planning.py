@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from extract.planning import plan_batches, plan_work
+from extract.engine.planning import plan_batches, plan_work
 
 
 def _plan(seed=0, rows=500, budget=4096):

@@ -7,8 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from extract import output_file, progress
-from extract.output_file import RowDataset, RowWriter
+from extract.output import hdf5_file
+from extract.engine import progress
+from extract.output.hdf5_file import RowDataset, RowWriter
 
 
 class _Lines(logging.Handler):
@@ -45,8 +46,8 @@ def test_rows_written_show_up_and_no_line_comes_before_the_interval(tmp_path, lo
     out = tmp_path / "out.h5"
     lengths = np.arange(1, 11) * 10
     datasets = [RowDataset("mean/layer_1", 4)]
-    layout = output_file.FileLayout([f"p{i}" for i in range(10)], lengths, lengths, datasets, "float32")
-    output_file.create(out, layout, {"tool": output_file.TOOL})
+    layout = hdf5_file.FileLayout([f"p{i}" for i in range(10)], lengths, lengths, datasets, "float32")
+    hdf5_file.create(out, layout, {"tool": hdf5_file.TOOL})
     writer = RowWriter(out, datasets)
     watcher = progress.ProgressWatcher(out, lengths, 3600, logger, io.StringIO())
     for row in range(6):  # six batches, far within the interval: no line

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from extract.fasta import read_inputs
+from extract.data.fasta import read_inputs
 from extract.reading import Embeddings
 from fair_esm_reference import fair_esm_means, fair_esm_representations, load_fair_esm
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from extract import output_file
+from extract.output import hdf5_file
 from extract.esm_features import main
-from extract.model_loading import build_random_esm2, fair_esm_checkpoint
+from extract.models.esm2.checkpoints import build_random_esm2, fair_esm_checkpoint
 from fair_esm_reference import fair_esm_means, load_fair_esm
 from jobs import random_proteins, write_fasta
 
@@ -93,7 +93,7 @@ def test_a_reader_holding_the_file_at_the_end_is_waited_for_then_told(job, capsy
                                "print('open', flush=True); sys.stdin.read()", str(out)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert reader.stdout.readline() == "open\n"
-    monkeypatch.setattr(output_file, "LOCK_WAIT_SECONDS", 1.0)
+    monkeypatch.setattr(hdf5_file, "LOCK_WAIT_SECONDS", 1.0)
     capsys.readouterr()
     try:
         assert run() == 1

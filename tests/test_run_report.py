@@ -6,7 +6,7 @@ import json
 import h5py
 import pytest
 
-from extract.fasta import read_inputs
+from extract.data.fasta import read_inputs
 from jobs import run_extract
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from extract.esm2_embedder import MAX_TOKEN_BUDGET, memory_token_budget
+from extract.models.esm2.token_budget import MAX_TOKEN_BUDGET, memory_token_budget
 
 GiB = 2**30
 ESM2_3B = {"embed_dim": 2560, "heads": 40}

@@ -256,7 +256,7 @@ def _explain(path: Path, first_number: int, data: bytes, starts: np.ndarray, hea
 @dataclass(frozen=True)
 class ProteinInputs:
     """Every record, in input order, as Python lists: for checking outputs and for tests. The job keeps
-    its input in the compact input index (extract/input_index.py) instead."""
+    its input in the compact input index (extract/data/input_index.py) instead."""
 
     ids: list[str]
     sequences: list[str]

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Iterator
 
 from extract.errors import UserError
-from extract.runtime import RankIdentity, leader_decides
+from extract.runtime.identity import RankIdentity
+from extract.runtime.collectives import leader_decides
 
 UNSUPPORTED = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL)
 

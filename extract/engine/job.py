@@ -23,15 +23,19 @@ from typing import Mapping, Protocol
 import numpy as np
 import torch
 
-from extract import output_file, progress, run_report, stopping
-from extract.background import RunAhead, RunBehind
-from extract.batch_runner import BatchRunner, Model, Rows
+from extract.output import hdf5_file
+from extract.engine import progress
+from extract.engine import run_report
+from extract.runtime import stopping
+from extract.engine.background import RunAhead, RunBehind
+from extract.engine.batch_runner import BatchRunner, Model, Rows
 from extract.errors import JobError, UserError
-from extract.input_index import InputIndex
-from extract.output_file import FileLayout, RowDataset, RowWriter
-from extract.planning import Work, concatenated_ranges, plan_work
-from extract.run_report import RankStats
-from extract.runtime import RankIdentity, barrier, gather, leader_decides
+from extract.data.input_index import InputIndex
+from extract.output.hdf5_file import FileLayout, RowDataset, RowWriter
+from extract.engine.planning import Work, concatenated_ranges, plan_work
+from extract.engine.run_report import RankStats
+from extract.runtime.identity import RankIdentity
+from extract.runtime.collectives import barrier, gather, leader_decides
 
 FAILED_IDS_SHOWN = 10
 BATCHES_AHEAD = 2  # batches read and made into model inputs on a thread while the current one computes
@@ -83,7 +87,7 @@ def resumable_status(inputs: InputIndex, embedder: Embedder, job: JobSettings) -
                    f"another --out")
     else:
         try:
-            attrs = output_file.read_attrs(job.out)
+            attrs = hdf5_file.read_attrs(job.out)
         except UserError as err:
             problem = f"{err}; pass --overwrite to replace it"
         else:
@@ -123,16 +127,16 @@ def prepare_output(inputs: InputIndex, embedder: Embedder, job: JobSettings, log
     status = resumable_status(inputs, embedder, job)
     layout = file_layout(inputs, embedder, job)
     planned = layout.planned_bytes()
-    free = output_file.check_room(job.out, planned)
-    log.info("output %s: %s planned, %s free on its file system", job.out, output_file.format_bytes(planned),
-             output_file.format_bytes(free))
+    free = hdf5_file.check_room(job.out, planned)
+    log.info("output %s: %s planned, %s free on its file system", job.out, hdf5_file.format_bytes(planned),
+             hdf5_file.format_bytes(free))
     if status is not None:
         log.info("resuming %s (status %s)", job.out, status)
         return status
-    attrs = {**file_settings(embedder, job), "toks_per_batch": job.toks_per_batch, "tool": output_file.TOOL,
-             "format_version": output_file.FORMAT_VERSION, "fingerprint": fingerprint(inputs, embedder, job)}
-    output_file.create(job.out, layout, attrs)
-    return output_file.INCOMPLETE
+    attrs = {**file_settings(embedder, job), "toks_per_batch": job.toks_per_batch, "tool": hdf5_file.TOOL,
+             "format_version": hdf5_file.FORMAT_VERSION, "fingerprint": fingerprint(inputs, embedder, job)}
+    hdf5_file.create(job.out, layout, attrs)
+    return hdf5_file.INCOMPLETE
 
 
 @dataclass(frozen=True)
@@ -232,9 +236,9 @@ def _finish(job: JobSettings, report: dict, log: logging.Logger) -> None:
     """On rank 0, after every rank has closed its writes: mark the file complete or say what is missing;
     store the run report in the file and, with --report, in its own file."""
     # A rerun that only marks the file keeps the report of the run that computed its rows.
-    missing = output_file.mark_complete(job.out, {"last_run": report} if report["total"]["rows"] else {})
+    missing = hdf5_file.mark_complete(job.out, {"last_run": report} if report["total"]["rows"] else {})
     if job.report is not None:
-        status = output_file.INCOMPLETE if missing.size else output_file.COMPLETE
+        status = hdf5_file.INCOMPLETE if missing.size else hdf5_file.COMPLETE
         run_report.write(job.report, {"status": status, "out": str(job.out), **report})
     failed_ids = report["total"]["failed_ids"]
     for row_id in failed_ids:
@@ -257,7 +261,7 @@ def run_job(identity: RankIdentity, inputs: InputIndex, embedder: Embedder, job:
     StopRequested on every rank when a signal asked the job to stop."""
     with stopping.deferred():
         status = leader_decides(identity, lambda: prepare_output(inputs, embedder, job, log))
-        if status == output_file.COMPLETE:
+        if status == hdf5_file.COMPLETE:
             if identity.is_leader:
                 log.info("%s is already complete; nothing to do", job.out)
             return

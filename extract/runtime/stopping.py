@@ -4,7 +4,7 @@ Before the job touches its output (reading input, loading the model) a signal st
 there is nothing to save. While the job owns its output, a signal only records the request, and the
 engine acts on it between batches, when every row written so far is durable; an HDF5 write is never cut
 short. The first rank to act on a request publishes it in the process group's key-value store; every
-other rank sees it there at its next safe point or while it waits for its peers (`runtime.barrier`
+other rank sees it there at its next safe point or while it waits for its peers (`collectives.barrier`
 polls), so no rank is left waiting in a collective for a peer that has gone.
 """
 
@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from extract import group_store
+from extract.runtime import group_store
 from extract.errors import StopRequested, peers_lost
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from esm.model.esm2 import ESM2
 from esm.modules import TransformerLayer
 
+from extract.runtime.device import to_device
+
 # ESM-2 was trained masking 15% of tokens, 80% of those with <mask>; fair-esm rescales embeddings
 # by the observed mask ratio against that, also at inference and also when nothing is masked.
 MASK_RATIO_TRAIN = 0.15 * 0.8
@@ -68,13 +70,6 @@ def embed_batch(
 def cumulative_offsets(lengths: torch.Tensor) -> torch.Tensor:
     """(n + 1,) offsets of n consecutive runs of rows of these lengths."""
     return F.pad(lengths.cumsum(0), (1, 0))
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`; to a GPU through pinned memory, so that the copy does not wait."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 def esm2_representations(model: ESM2, tokens: torch.Tensor, repr_layers: Iterable[int]) -> dict[int, torch.Tensor]:

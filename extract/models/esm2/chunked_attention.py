@@ -16,7 +16,7 @@ from esm.model.esm2 import ESM2
 from esm.modules import gelu
 from esm.multihead_attention import MultiheadAttention
 
-from extract.esm2_forward import MASK_RATIO_TRAIN, rotary_tables, rotate
+from extract.models.esm2.forward import MASK_RATIO_TRAIN, rotary_tables, rotate
 
 ATTENTION_CHUNK = 128  # queries per block of attention scores
 

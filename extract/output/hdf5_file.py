@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from extract.errors import JobError, UserError
+from extract.output.durability import sync
 
 FORMAT_VERSION = 1
 TOOL = "esm-features 0.1.0"
@@ -181,15 +182,6 @@ def _opened_for_update(path: Path) -> h5py.File:
                                f"it; every finished row is kept; close it (read with h5py.File(..., locking=False) "
                                f"while a job runs) and rerun the same command to finish") from None
             time.sleep(LOCK_POLL_SECONDS)
-
-
-def sync(path: Path) -> None:
-    """Make a file's data, or a directory's entries, durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DoneFlags:

@@ -21,7 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from extract import fasta, output_file
+from extract.data import fasta
+from extract.output.durability import sync
 from extract.errors import JobError, UserError
 
 FORMAT = "esm-features input index 1"
@@ -153,10 +154,10 @@ def prepare(paths: Sequence[Path], directory: Path) -> bool:
         building.mkdir()
         build(paths, building)
         for saved in (*building.iterdir(), building):  # durable before a resumed job trusts it
-            output_file.sync(saved)
+            sync(saved)
         shutil.rmtree(directory, ignore_errors=True)
         building.rename(directory)
-        output_file.sync(directory.parent)
+        sync(directory.parent)
     except OSError as err:
         raise UserError(f"{directory}: cannot write the input index ({err.strerror or err})") from None
     finally:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from extract.esm2_forward import to_device
-from extract.long_sequences import BatchLayout
-from extract.planning import concatenated_ranges
+from extract.runtime.device import to_device
+from extract.models.long_sequences import BatchLayout
+from extract.engine.planning import concatenated_ranges
 
 OUTPUTS = ("mean", "bos", "per_tok")
 PINNED_RESULTS_MAX_BYTES = 256 << 20

@@ -1,7 +1,7 @@
 """The process group's key-value store (torchrun's rendezvous store): what ranks tell each other outside
 collectives, which a rank can check without blocking: who has reached a barrier, whether a rank stopped.
 
-Each job gets keys of its own (`runtime.process_group` names it): the store may outlive a job, as when
+Each job gets keys of its own (`collectives.process_group` names it): the store may outlive a job, as when
 torchrun restarts the ranks (--max-restarts) or a caller runs several jobs in one process group.
 """
 

@@ -1,7 +1,7 @@
 """Progress you can watch: rank 0 reports rows and residues done across ALL ranks, every N seconds.
 
 No collective is involved. Every rank marks its rows in the output's /done flags as it writes them, so
-rank 0 re-reads those bytes (read-only positioned reads, see `output_file.DoneFlags`) from a background
+rank 0 re-reads those bytes (read-only positioned reads, see `hdf5_file.DoneFlags`) from a background
 thread. A slow or dead rank therefore never stalls the report, and the report never stalls a rank;
 an all_reduce at report time would block rank 0 until every peer reached it. Lines go to the log; when
 stderr is a terminal, one progress bar is redrawn in place instead.
@@ -20,7 +20,7 @@ from typing import Iterator, TextIO
 
 import numpy as np
 
-from extract.output_file import DoneFlags
+from extract.output.hdf5_file import DoneFlags
 
 BAR_SECONDS = 1.0  # a bar is redrawn at least this often
 BAR_WIDTH = 30

@@ -9,30 +9,16 @@ import numpy as np
 import torch
 from esm.data import BatchConverter
 
-from extract import pooling
+from extract.models import pooling
 from extract.errors import UserError
-from extract.esm2_chunked_attention import chunked_forward
-from extract.esm2_forward import PADDED, cumulative_offsets, default_packing, embed_batch
-from extract.long_sequences import BatchLayout, LongSequencePolicy
-from extract.model_loading import LoadedModel
-from extract.output_file import RowDataset
+from extract.models.esm2.chunked_attention import chunked_forward
+from extract.models.esm2.forward import PADDED, cumulative_offsets, default_packing, embed_batch
+from extract.models.long_sequences import BatchLayout, LongSequencePolicy
+from extract.models.esm2.checkpoints import LoadedModel
+from extract.models.esm2.token_budget import CPU_TOKEN_BUDGET, memory_token_budget
+from extract.output.hdf5_file import RowDataset
+from extract.runtime.device import dtype_name
 
-CPU_TOKEN_BUDGET = 4096
-MAX_TOKEN_BUDGET = 1 << 17
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on GPUs of compute capability 8.0 or newer, fp32 everywhere else."""
-    if requested != "auto":
-        return DTYPES[requested]
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
-        return torch.bfloat16
-    return torch.float32
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def resolve_layers(requested: Sequence[int], num_layers: int) -> list[int]:
@@ -155,18 +141,3 @@ class Esm2Embedder:
                                    self.model.attention_heads, scores)
 
 
-def memory_token_budget(free_bytes: int, dtype: torch.dtype, embed_dim: int, layers_kept: int, heads: int,
-                        scores_per_token: int) -> int:
-    """Tokens whose forward fits in half of `free_bytes` (the rest is headroom: the allocator's
-    fragmentation, pooling's copies), at least the seed plan's 2048 (fp32) / 3072 (16-bit), at most
-    MAX_TOKEN_BUDGET (batches big enough to fill the device, small enough to keep ranks balanced).
-
-    Per token, in the compute dtype: about 20 rows of `embed_dim` live at a layer's peak (residual,
-    norm, q, k, v and their rotated copies, context, the 4x MLP hidden and its GELU) plus one per
-    layer kept for the outputs; in fp32: q and k rotated, and the kept residues summed for the means.
-    `scores_per_token` counts the attention scores a forward materialises per token and head (fair-esm's:
-    the window; none for SDPA's kernels), held in fp32 with their softmax."""
-    element = torch.finfo(dtype).bits // 8
-    per_token = embed_dim * (element * (20 + layers_kept) + 4 * 3) + 2 * 4 * heads * scores_per_token
-    floor = 2048 if dtype == torch.float32 else 3072
-    return int(max(floor, min(MAX_TOKEN_BUDGET, free_bytes // 2 // per_token)))

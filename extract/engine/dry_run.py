@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from extract import output_file
-from extract.engine import (Embedder, JobSettings, RowCounts, check_writable, file_layout, file_settings, plan_job,
-                            resumable_status)
-from extract.input_index import InputIndex
+from extract.output import hdf5_file
+from extract.engine.job import Embedder, JobSettings, RowCounts, check_writable, file_layout, file_settings, plan_job, resumable_status
+from extract.data.input_index import InputIndex
 
 
 def describe(inputs: InputIndex, embedder: Embedder, job: JobSettings, world_size: int) -> list[str]:
@@ -20,18 +19,18 @@ def describe(inputs: InputIndex, embedder: Embedder, job: JobSettings, world_siz
     would stop with, if any."""
     check_writable(job)
     status = resumable_status(inputs, embedder, job)
-    if status == output_file.COMPLETE:
+    if status == hdf5_file.COMPLETE:
         done = np.ones(len(inputs), dtype=np.uint8)
         output = f"{job.out} is complete; a run would do nothing"
     else:
         planned = file_layout(inputs, embedder, job).planned_bytes()
-        room = (f"{output_file.format_bytes(planned)} planned, "
-                f"{output_file.format_bytes(output_file.check_room(job.out, planned))} free on its file system")
+        room = (f"{hdf5_file.format_bytes(planned)} planned, "
+                f"{hdf5_file.format_bytes(hdf5_file.check_room(job.out, planned))} free on its file system")
         if status is None:
             done = np.zeros(len(inputs), dtype=np.uint8)
             output = f"{job.out} would be created: {room}"
         else:
-            flags = output_file.DoneFlags(job.out)
+            flags = hdf5_file.DoneFlags(job.out)
             done = flags.read()
             flags.close()
             output = (f"{job.out} would be resumed, {int(np.count_nonzero(done)):,} of {len(inputs):,} rows are "

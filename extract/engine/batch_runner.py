@@ -9,7 +9,6 @@ the batches still to come are cut smaller before they are tried instead of faili
 
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -17,7 +16,8 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from extract.planning import plan_batches
+from extract.engine.planning import plan_batches
+from extract.runtime.device import free_device_memory
 
 
 class Model(Protocol):
@@ -40,13 +40,6 @@ class RunStats:
     split_batches: int = 0  # batches that ran out of memory and were computed in halves
     low_memory_rows: int = 0  # rows computed with the low-memory forward after running out of memory alone
     failed_rows: list[int] = field(default_factory=list)  # rows that did not fit even that way
-
-
-def free_device_memory() -> None:
-    """Give back what a failed forward left allocated (once its exception, holding the tensors, is gone)."""
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)
