@@ -50,7 +50,7 @@ step() {
 failed=0
 
 gpu_tests() {
-    "$python" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py > "$out/test_gpu.txt" 2>&1
+    "$python" -m pytest -q -rs -p no:cacheprovider tests/jobs/test_gpu.py > "$out/test_gpu.txt" 2>&1
     local rc=$?
     if grep -q "skipped" "$out/test_gpu.txt"; then
         echo "gpu_checks: GPU tests were skipped (see test_gpu.txt)" >&2

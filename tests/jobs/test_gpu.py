@@ -1,5 +1,5 @@
 """On a CUDA GPU: the packed jagged forward, pooling and the whole job against fair-esm. Skipped without one
-(CI has none); run on a machine with a GPU: `python -m pytest tests/test_gpu.py`."""
+(CI has none); run on a machine with a GPU: `python -m pytest tests/jobs/test_gpu.py`."""
 
 import json
 

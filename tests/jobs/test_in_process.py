@@ -8,7 +8,7 @@ from pathlib import Path
 from jobs import clean_env, phage_sample, write_fasta
 from output_checks import assert_complete_and_like_fair_esm
 
-DRIVER = Path(__file__).resolve().parent / "in_process_driver.py"
+DRIVER = Path(__file__).resolve().parents[1] / "in_process_driver.py"
 
 
 def test_main_uses_the_callers_group_repeatedly_and_leaves_it_initialised(tmp_path, tiny_model_path, capsid_fasta,
