@@ -149,10 +149,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         inputs = input_index.load(index_directory)
         try:
             if identity.is_leader:
-                log.info("%d proteins from %d file(s), input index %s; model %s%s on %s in %s", len(inputs),
-                         len(args.fasta), "reused (inputs unchanged)" if reused else "built", loaded.name,
-                         " (random weights)" if loaded.random_weights else "", device,
-                         embedder.settings()["compute_dtype"])
+                log.info("%d proteins from %d file(s), input index %s; %s", len(inputs), len(args.fasta),
+                         "reused (inputs unchanged)" if reused else "built", embedder.describe())
             run_job(identity, inputs, embedder, _job_settings(args, argv, embedder), log, started)
         except UserError:  # refused to start: keep no index made for nothing, but one a resume may need
             if identity.is_leader and not reused:

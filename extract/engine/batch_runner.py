@@ -11,24 +11,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from extract.contract import Embedder
 from extract.engine.planning import plan_batches
 from extract.runtime.device import free_device_memory
-
-
-class Model(Protocol):
-    """What the runner needs of the model: the host's share of a batch (`prepare`, which may run on another
-    thread, ahead of the forward), rows' values from it, one row's with less peak memory (same values), and
-    the tokens a batch computes (given its rows' tokens per model input and model inputs)."""
-
-    def prepare(self, sequences: list[str]) -> Any: ...
-    def embed(self, inputs: Any) -> dict[str, np.ndarray]: ...
-    def embed_low_memory(self, sequence: str) -> dict[str, np.ndarray]: ...
-    def computed_tokens(self, tokens: np.ndarray, inputs: np.ndarray) -> int: ...
 
 
 @dataclass
@@ -58,7 +48,7 @@ class BatchRunner:
     """Embeds batches of rows and hands their values to `write(rows, values)`; `budget` is the padded-token
     limit, lowered after an out-of-memory error."""
 
-    def __init__(self, model: Model, rows: Rows, write: Callable[[np.ndarray, dict[str, np.ndarray]], None],
+    def __init__(self, model: Embedder, rows: Rows, write: Callable[[np.ndarray, dict[str, np.ndarray]], None],
                  budget: int, log: logging.Logger):
         self.model = model
         self.rows = rows

@@ -18,17 +18,17 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Mapping
 
 import numpy as np
-import torch
 
 from extract.output import hdf5_file
 from extract.engine import progress
 from extract.engine import run_report
 from extract.runtime import stopping
 from extract.engine.background import RunAhead, RunBehind
-from extract.engine.batch_runner import BatchRunner, Model, Rows
+from extract.contract import Embedder
+from extract.engine.batch_runner import BatchRunner, Rows
 from extract.errors import JobError, UserError
 from extract.data.input_index import InputIndex
 from extract.output.hdf5_file import FileLayout, RowDataset, RowWriter
@@ -40,16 +40,6 @@ from extract.runtime.collectives import barrier, gather, leader_decides
 FAILED_IDS_SHOWN = 10
 BATCHES_AHEAD = 2  # batches read and made into model inputs on a thread while the current one computes
 WRITES_QUEUED = 1  # computed batches waiting for their write while another is written, on a thread
-
-
-class Embedder(Model, Protocol):  # Model: prepare(sequences), embed(inputs), embed_low_memory(sequence)
-    device: torch.device
-
-    def datasets(self) -> list[RowDataset]: ...
-    def tokens_per_row(self, lengths: np.ndarray) -> np.ndarray: ...  # tokens of each of a row's model inputs
-    def inputs_per_row(self, lengths: np.ndarray) -> np.ndarray: ...  # model inputs per row (e.g. windows)
-    def residues_embedded(self, lengths: np.ndarray) -> np.ndarray: ...  # residues its outputs cover
-    def settings(self) -> dict: ...
 
 
 @dataclass(frozen=True)
@@ -101,7 +91,7 @@ def resumable_status(inputs: InputIndex, embedder: Embedder, job: JobSettings) -
 
 
 def file_layout(inputs: InputIndex, embedder: Embedder, job: JobSettings) -> FileLayout:
-    return FileLayout(inputs.ids, inputs.lengths, embedder.residues_embedded(inputs.lengths), embedder.datasets(),
+    return FileLayout(inputs.ids, inputs.lengths, embedder.residues_covered(inputs.lengths), embedder.datasets(),
                       job.storage_dtype, inputs.id_bytes)
 
 
@@ -151,9 +141,9 @@ class RowCounts:
     @classmethod
     def of(cls, inputs: InputIndex, embedder: Embedder) -> "RowCounts":
         lengths = np.asarray(inputs.lengths)
-        return cls(*(counts.astype(np.int32) for counts in (embedder.tokens_per_row(lengths),
+        return cls(*(counts.astype(np.int32) for counts in (embedder.tokens_per_input(lengths),
                                                              embedder.inputs_per_row(lengths),
-                                                             embedder.residues_embedded(lengths))))
+                                                             embedder.residues_covered(lengths))))
 
 
 def plan_job(inputs: InputIndex, counts: RowCounts, job: JobSettings, done: np.ndarray) -> Work:

@@ -70,7 +70,7 @@ class LongSequencePolicy:
         stride = self.window - self.overlap
         return np.maximum(1, -(-(lengths - self.overlap) // stride))
 
-    def residues_embedded(self, lengths: np.ndarray) -> np.ndarray:
+    def residues_covered(self, lengths: np.ndarray) -> np.ndarray:
         """Residues each protein's stored representations cover."""
         return np.minimum(lengths, self.window) if self.mode == TRUNCATE else lengths.copy()
 
@@ -84,7 +84,7 @@ class LongSequencePolicy:
     def layout(self, lengths: np.ndarray) -> BatchLayout:
         lengths = np.asarray(lengths, dtype=np.int64)
         counts = self.windows_per_protein(lengths)
-        embedded = self.residues_embedded(lengths)
+        embedded = self.residues_covered(lengths)
         first_window = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         # A protein of one window keeps all it holds; only the rare longer ones need working out.
         start, keep_start = np.zeros((2, counts.sum()), dtype=np.int64)

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from esm.constants import proteinseq_toks
 from esm.data import BatchConverter
 
 from extract.models import pooling
@@ -44,7 +45,12 @@ class Esm2Inputs:
 
 class Esm2Embedder:
     """Mean, BOS and per-residue representations of the chosen layers (BOS, EOS and padding are not
-    residues); proteins longer than the truncation length are truncated or windowed as `long_sequences` says."""
+    residues); proteins longer than the truncation length are truncated or windowed as `long_sequences` says.
+    The engine's model (extract/contract.py)."""
+
+    # Residue letters of the ESM-2 alphabet; the gap symbols '-' and '.' mean an alignment, not a protein.
+    alphabet = frozenset(tok for tok in proteinseq_toks["toks"] if tok.isalpha())
+    alphabet_name = "the ESM-2 protein alphabet"
 
     def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
                  repr_layers: Sequence[int], long_sequences: LongSequencePolicy, outputs: Sequence[str] = ("mean",),
@@ -65,15 +71,15 @@ class Esm2Embedder:
         return [RowDataset(pooling.dataset_name(output, layer), self.loaded.embed_dim, per_token=output == "per_tok")
                 for output in self.outputs for layer in self.layers]
 
-    def tokens_per_row(self, lengths: np.ndarray) -> np.ndarray:
+    def tokens_per_input(self, lengths: np.ndarray) -> np.ndarray:
         """Tokens of each model input of a row (its windows are all this long): residues plus BOS and EOS."""
         return np.minimum(lengths, self.truncation_seq_length) + 2
 
     def inputs_per_row(self, lengths: np.ndarray) -> np.ndarray:
         return self.long_sequences.windows_per_protein(lengths)
 
-    def residues_embedded(self, lengths: np.ndarray) -> np.ndarray:
-        return self.long_sequences.residues_embedded(lengths)
+    def residues_covered(self, lengths: np.ndarray) -> np.ndarray:
+        return self.long_sequences.residues_covered(lengths)
 
     def settings(self) -> dict:
         return {
@@ -88,6 +94,10 @@ class Esm2Embedder:
             **self.long_sequences.settings(),
             "compute_dtype": dtype_name(self.dtype),
         }
+
+    def describe(self) -> str:
+        weights = " (random weights)" if self.loaded.random_weights else ""
+        return f"model {self.loaded.name}{weights} on {self.device} in {dtype_name(self.dtype)}"
 
     def prepare(self, sequences: list[str]) -> Esm2Inputs:
         """The host's share of a batch (run ahead of the forward, on another thread): windows and tokens."""

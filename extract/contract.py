@@ -1,0 +1,58 @@
+"""The one contract between a model and the rest of the suite: what the engine and the command call on it.
+
+A model is any object with these members; `extract/models/esm2/` is one. The engine, the data, output and
+runtime folders know a model only through this contract, so a model over another alphabet (DNA, say)
+runs through the same machinery. Arrays of counts are per row, in the order of the `lengths` given.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from extract.output.hdf5_file import RowDataset
+
+
+class Embedder(Protocol):
+    device: torch.device  # where the forward runs (meta in a dry run: shapes only, no weights)
+    # The residue letters a sequence may hold, upper case; the reader refuses records with any other.
+    alphabet: frozenset[str]
+    alphabet_name: str  # how messages name the alphabet, e.g. "the ESM-2 protein alphabet"
+
+    def datasets(self) -> list[RowDataset]:
+        """The datasets a row fills, with their widths; their names are the file's."""
+
+    def settings(self) -> dict:
+        """Everything that decides the file's contents (model, weights' digest, layers, dtype, ...): stored
+        as the file's root attributes and fingerprinted, so a resume with other settings is refused."""
+
+    def describe(self) -> str:
+        """One line for the log: the model and how it runs (device, compute dtype and why)."""
+
+    def auto_token_budget(self) -> int:
+        """The token budget `--toks-per-batch auto` means for this model on its device."""
+
+    def tokens_per_input(self, lengths: np.ndarray) -> np.ndarray:
+        """The tokens of each of a row's model inputs (a row may be cut into several windows, all this long)."""
+
+    def inputs_per_row(self, lengths: np.ndarray) -> np.ndarray:
+        """How many model inputs a row of this many residues becomes."""
+
+    def residues_covered(self, lengths: np.ndarray) -> np.ndarray:
+        """How many of a row's residues its outputs cover (a truncated row: those of its first window)."""
+
+    def computed_tokens(self, tokens_per_input: np.ndarray, inputs_per_row: np.ndarray) -> int:
+        """The tokens the forward computes for a batch of these rows (packed: the real ones; padded: the
+        longest input's times the inputs), as the run report counts them."""
+
+    def prepare(self, sequences: list[str]) -> Any:
+        """A batch's model inputs, made on the host (on a thread ahead of the forward)."""
+
+    def embed(self, inputs: Any) -> dict[str, np.ndarray]:
+        """The batch's values per dataset name, rows in batch order (per-token datasets: every row's
+        `residues_covered` rows, concatenated); may raise torch.OutOfMemoryError."""
+
+    def embed_low_memory(self, sequence: str) -> dict[str, np.ndarray]:
+        """The same values for one row with less peak memory: the last retry after running out of memory."""
