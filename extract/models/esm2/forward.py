@@ -10,11 +10,12 @@ head and no work past the highest layer asked for.
 One layer stack runs on a packed batch (each window's tokens in turn, no padding: `tokens.PackedTokens`),
 so no compute is spent on padding; token dropout, the rotary tables and the final norm exist once. The
 attention is the one swappable part:
-- `PER_SEQUENCE`, the CPU default: one SDPA call per sequence (as fast there as one padded call, while
-  PyTorch's jagged nested tensors and compiled FlexAttention document masks both measured slower);
+- `PADDED`, the CPU default and other devices': the sequences padded into one SDPA call with a
+  key-padding mask (the planner sorts by length, so a batch's sequences are nearly equally long and the
+  padding is small; one call beats one per sequence there: docs/benchmarks.md);
+- `PER_SEQUENCE`: one SDPA call per sequence;
 - `JAGGED`, the CUDA default: one SDPA call on a jagged nested tensor (PyTorch runs FlashAttention's or
   the memory-efficient kernel's variable-length form on it);
-- `PADDED`, other devices: the sequences padded into one SDPA call with a key-padding mask;
 - `CHUNKED`, the low-memory retry: per sequence, `ATTENTION_CHUNK` queries at a time.
 """
 
@@ -49,7 +50,7 @@ logging.getLogger("torch.fx._symbolic_trace").addFilter(lambda record: "is_fx_tr
 
 
 def default_attention(device: torch.device) -> str:
-    return {"cpu": PER_SEQUENCE, "cuda": JAGGED}.get(device.type, PADDED)
+    return JAGGED if device.type == "cuda" else PADDED
 
 
 def embed_batch(model: ESM2, batch: PackedTokens, repr_layers: Iterable[int],
