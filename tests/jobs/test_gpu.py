@@ -9,8 +9,9 @@ import pytest
 import torch
 from esm.data import BatchConverter
 
-from extract.models.esm2.forward import JAGGED, PADDED, default_packing, embed_batch
+from extract.models.esm2.forward import JAGGED, PADDED, default_attention, embed_batch
 from extract.models.esm2.checkpoints import build_random_esm2
+from extract.models.esm2.tokens import pack
 from fair_esm_reference import fair_esm_means, load_fair_esm
 from jobs import phage_sample, run_extract, write_fasta
 
@@ -23,15 +24,15 @@ def real_sequences(phage_dir):
     return [seq for _, seq in phage_sample(phage_dir, 24, long=2)]
 
 
-@pytest.mark.parametrize("packing", [JAGGED, PADDED])
-def test_fp32_rows_on_the_gpu_match_fair_esm(tiny_model_path, real_sequences, packing):
+@pytest.mark.parametrize("attention", [JAGGED, PADDED])
+def test_fp32_rows_on_the_gpu_match_fair_esm(tiny_model_path, real_sequences, attention):
     model, alphabet = load_fair_esm(tiny_model_path)
     _, _, tokens = BatchConverter(alphabet, 1022)([(str(i), s) for i, s in enumerate(real_sequences)])
     real = tokens.ne(alphabet.padding_idx)
     with torch.inference_mode():
         expected = model(tokens, repr_layers=[0, 2])["representations"]
-        rows, _ = embed_batch(model.to(CUDA), tokens, [0, 2], packing)
-    assert default_packing(CUDA) == JAGGED
+        rows = embed_batch(model.to(CUDA), pack(alphabet, real_sequences, 1022), [0, 2], attention)
+    assert default_attention(CUDA) == JAGGED
     for layer in (0, 2):
         assert rows[layer].device.type == "cuda"
         assert (rows[layer].cpu() - expected[layer][real]).abs().max() <= 1e-4
@@ -40,9 +41,10 @@ def test_fp32_rows_on_the_gpu_match_fair_esm(tiny_model_path, real_sequences, pa
 def test_bf16_means_on_the_gpu_match_fp32_fair_esm(real_sequences):
     model = build_random_esm2(6, 320, 20).eval()
     expected = fair_esm_means(model, model.alphabet, real_sequences, [6])[6]
-    _, _, tokens = BatchConverter(model.alphabet, 1022)([(str(i), s) for i, s in enumerate(real_sequences)])
+    batch = pack(model.alphabet, real_sequences, 1022)
+    offsets = batch.offsets
     with torch.inference_mode():
-        rows, offsets = embed_batch(model.to(CUDA, torch.bfloat16), tokens, [6])
+        rows = embed_batch(model.to(CUDA, torch.bfloat16), batch, [6])
     means = torch.stack([rows[6][offsets[i] + 1: offsets[i + 1] - 1].float().mean(0) for i in range(len(offsets) - 1)])
     cosine = torch.nn.functional.cosine_similarity(means.cpu(), torch.from_numpy(expected), dim=1)
     assert cosine.min() >= 0.999, cosine

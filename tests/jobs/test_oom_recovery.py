@@ -40,7 +40,7 @@ class OutOfMemoryAbove:
         return getattr(self.inner, name)
 
     def embed(self, inputs):
-        padded = inputs.tokens.numel()  # (windows, tokens of the longest)
+        padded = len(inputs.tokens.lengths) * int(inputs.tokens.lengths.max())  # windows x tokens of the longest
         self.attempts.append((padded, padded > self.max_tokens))
         if padded > self.max_tokens:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {padded} tokens' worth")

@@ -8,18 +8,16 @@ from typing import Sequence
 import numpy as np
 import torch
 from esm.constants import proteinseq_toks
-from esm.data import BatchConverter
 
 from extract.models import pooling
 from extract.errors import UserError
-from extract.models.esm2.chunked_attention import chunked_forward
-from extract.models.esm2.forward import PADDED, cumulative_offsets, default_packing, embed_batch
+from extract.models.esm2.forward import CHUNKED, embed_batch
+from extract.models.esm2.tokens import PackedTokens, cumulative_offsets, pack
 from extract.models.long_sequences import BatchLayout, LongSequencePolicy
 from extract.models.esm2.checkpoints import LoadedModel
 from extract.models.esm2.token_budget import CPU_TOKEN_BUDGET, memory_token_budget
 from extract.output.hdf5_file import RowDataset
 from extract.runtime.device import dtype_name
-
 
 
 def resolve_layers(requested: Sequence[int], num_layers: int) -> list[int]:
@@ -37,10 +35,10 @@ def resolve_layers(requested: Sequence[int], num_layers: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Esm2Inputs:
-    """A batch's model inputs, made on the host: its windows, and their padded tokens."""
+    """A batch's model inputs, made on the host: its windows, and their tokens packed."""
 
     layout: BatchLayout
-    tokens: torch.Tensor  # (windows, tokens)
+    tokens: PackedTokens
 
 
 class Esm2Embedder:
@@ -65,7 +63,6 @@ class Esm2Embedder:
         self.outputs = [name for name in pooling.OUTPUTS if name in outputs]
         # load_model put the weights there already: then this is a no-op, no copy.
         self.model = loaded.model.eval().to(device=device, dtype=dtype)
-        self._converter = BatchConverter(loaded.alphabet, self.truncation_seq_length)
 
     def datasets(self) -> list[RowDataset]:
         return [RowDataset(pooling.dataset_name(output, layer), self.loaded.embed_dim, per_token=output == "per_tok")
@@ -106,22 +103,23 @@ class Esm2Embedder:
 
     @torch.inference_mode()
     def embed(self, inputs: Esm2Inputs) -> dict[str, np.ndarray]:
-        rows, offsets = self._rows(inputs.tokens)
-        return pooling.pool(rows, offsets.numpy(), inputs.layout, self.outputs)
+        rows = self._rows(inputs.tokens)
+        return pooling.pool(rows, inputs.tokens.offsets.numpy(), inputs.layout, self.outputs)
 
-    def _rows(self, tokens: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Every real token's row per layer, windows concatenated, and the host offsets of the windows;
-        from our fast forward (packed) or fair-esm's own (padded, then its padding left out)."""
+    def _rows(self, batch: PackedTokens) -> dict[int, torch.Tensor]:
+        """Every real token's row per layer, windows concatenated as in the batch; from our fast forward
+        or fair-esm's own (on the padded batch, then its padding left out)."""
         if self.attention == "fast":
-            return embed_batch(self.model, tokens, self.layers)
-        real = tokens.ne(self.model.padding_idx)
-        padded = self.model(tokens.to(self.device), repr_layers=self.layers)["representations"]
-        return {layer: values[real.to(self.device)] for layer, values in padded.items()}, cumulative_offsets(real.sum(1))
+            return embed_batch(self.model, batch, self.layers)
+        padded = batch.padded(self.model.padding_idx)
+        real = padded.ne(self.model.padding_idx).to(self.device)
+        representations = self.model(padded.to(self.device), repr_layers=self.layers)["representations"]
+        return {layer: values[real] for layer, values in representations.items()}
 
     def computed_tokens(self, tokens: np.ndarray, inputs: np.ndarray) -> int:
         """Tokens a batch's forward computes, from its rows' tokens per input and inputs: the real ones
-        when the fast forward packs them, otherwise the padded batch."""
-        if self.attention == "fast" and default_packing(self.device) != PADDED:
+        for our forward (packed), the padded batch for fair-esm's."""
+        if self.attention == "fast":
             return int((tokens * inputs).sum())
         return int(tokens.max()) * int(inputs.sum())
 
@@ -130,16 +128,14 @@ class Esm2Embedder:
         """The same result for one protein, its windows one at a time and each window's attention computed
         in chunks: for when `embed` runs out of device memory even on that protein alone."""
         layout = self.long_sequences.layout(np.array([len(sequence)]))
-        windows = [chunked_forward(self.model, self._tokens([window]).to(self.device), self.layers)
-                   for window in layout.window_sequences([sequence])]
-        rows = {layer: torch.cat([window[layer][0] for window in windows]) for layer in self.layers}
-        lengths = torch.tensor([window[self.layers[0]].shape[1] for window in windows])
-        return pooling.pool(rows, cumulative_offsets(lengths).numpy(), layout, self.outputs)
+        windows = [self._tokens([window]) for window in layout.window_sequences([sequence])]
+        rows = [embed_batch(self.model, window, self.layers, CHUNKED) for window in windows]
+        lengths = torch.cat([window.lengths for window in windows])
+        return pooling.pool({layer: torch.cat([window[layer] for window in rows]) for layer in self.layers},
+                            cumulative_offsets(lengths).numpy(), layout, self.outputs)
 
-    def _tokens(self, windows: list[str]) -> torch.Tensor:
-        """fair-esm's padded (windows, tokens) batch, on the host."""
-        _, _, tokens = self._converter([("", window) for window in windows])
-        return tokens
+    def _tokens(self, windows: list[str]) -> PackedTokens:
+        return pack(self.loaded.alphabet, windows, self.truncation_seq_length)
 
     def auto_token_budget(self) -> int:
         """Tokens per batch: fair-esm's 4096 on the CPU; on a GPU what half its free memory holds."""

@@ -1,22 +1,22 @@
 """ESM-2's forward pass (Lin et al. 2023), fast and with fair-esm's numbers, for embeddings only.
 
 Reads a fair-esm `ESM2` module's own weights unchanged and computes what
-`model(tokens, repr_layers=...)["representations"]` computes, except that: attention runs through
-`scaled_dot_product_attention` (flash / memory-efficient kernels on GPU, the fused flash kernel on
-CPU) instead of materialising the score matrix; rotary embeddings are computed in fp32 whatever
-the model's dtype; the residual is added inside the output matmuls; and there is no LM head, no
-contact head and no work past the highest layer asked for.
+`model(tokens, repr_layers=...)["representations"]` computes for every real token, except that: attention
+runs through `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU, the fused flash
+kernel on CPU) instead of materialising the score matrix; rotary embeddings are computed in fp32 whatever
+the model's dtype; the residual is added inside the output matmuls; and there is no LM head, no contact
+head and no work past the highest layer asked for.
 
-The embedder's one call is `embed_batch(model, tokens, repr_layers)`: it takes a padded (B, T) batch
-on the host, as fair-esm's `BatchConverter` makes it, and returns, per absolute layer, the rows of
-every real token (BOS, residues, EOS) of all sequences concatenated on the model's device, plus host
-offsets: sequence i is rows `offsets[i]:offsets[i + 1]`. No compute is spent on padding: the
-sequences are packed on the host and attention runs per sequence, either one SDPA call per sequence
-(`PER_SEQUENCE`, the CPU default: as fast there as one padded call, while PyTorch's jagged nested
-tensors and compiled FlexAttention document masks both measured slower) or one SDPA call on a jagged
-nested tensor (`JAGGED`, the CUDA default: PyTorch runs FlashAttention's or the memory-efficient
-kernel's variable-length form on it). Other devices run padded batches with a key-padding mask
-(`PADDED`, `esm2_representations`).
+One layer stack runs on a packed batch (each window's tokens in turn, no padding: `tokens.PackedTokens`),
+so no compute is spent on padding; token dropout, the rotary tables and the final norm exist once. The
+attention is the one swappable part:
+- `PADDED`, the CPU default and other devices': the sequences padded into one SDPA call with a
+  key-padding mask (the planner sorts by length, so a batch's sequences are nearly equally long and the
+  padding is small; one call beats one per sequence there: docs/benchmarks.md);
+- `PER_SEQUENCE`: one SDPA call per sequence;
+- `JAGGED`, the CUDA default: one SDPA call on a jagged nested tensor (PyTorch runs FlashAttention's or
+  the memory-efficient kernel's variable-length form on it);
+- `CHUNKED`, the low-memory retry: per sequence, `ATTENTION_CHUNK` queries at a time.
 """
 
 from __future__ import annotations
@@ -29,16 +29,18 @@ import torch.nn.functional as F
 from esm.model.esm2 import ESM2
 from esm.modules import TransformerLayer
 
+from extract.models.esm2.tokens import PackedTokens
 from extract.runtime.device import to_device
 
 # ESM-2 was trained masking 15% of tokens, 80% of those with <mask>; fair-esm rescales embeddings
 # by the observed mask ratio against that, also at inference and also when nothing is masked.
 MASK_RATIO_TRAIN = 0.15 * 0.8
 
-PER_SEQUENCE, JAGGED, PADDED = "per_sequence", "jagged", "padded"
+PER_SEQUENCE, JAGGED, PADDED, CHUNKED = "per_sequence", "jagged", "padded", "chunked"
+ATTENTIONS = (PER_SEQUENCE, JAGGED, PADDED, CHUNKED)
 # CUDA's flash and memory-efficient kernels put the sequences of a call on a grid axis of at most 65535.
 SEQUENCES_PER_JAGGED_CALL = 65535
-PACKINGS = (PER_SEQUENCE, JAGGED, PADDED)
+ATTENTION_CHUNK = 128  # queries per SDPA call of the chunked attention
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # q, k, v rows -> context rows
 
@@ -47,73 +49,28 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # q
 logging.getLogger("torch.fx._symbolic_trace").addFilter(lambda record: "is_fx_tracing" not in record.getMessage())
 
 
-def default_packing(device: torch.device) -> str:
-    return {"cpu": PER_SEQUENCE, "cuda": JAGGED}.get(device.type, PADDED)
+def default_attention(device: torch.device) -> str:
+    return JAGGED if device.type == "cuda" else PADDED
 
 
-def embed_batch(
-    model: ESM2, tokens: torch.Tensor, repr_layers: Iterable[int], packing: str | None = None
-) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """({absolute layer: (real tokens, D) on the model's device}, host offsets (B + 1,)) for a padded
-    (B, T) host token batch; `packing` defaults to `default_packing(the model's device)`."""
+def embed_batch(model: ESM2, batch: PackedTokens, repr_layers: Iterable[int],
+                attention: str | None = None) -> dict[int, torch.Tensor]:
+    """{absolute layer: (tokens, D) rows on the model's device} for a packed host batch: window i's rows
+    are `batch.offsets[i]:batch.offsets[i + 1]`. Layer 0 is the embeddings after token-dropout scaling, and
+    the last layer has emb_layer_norm_after applied. `attention` defaults to `default_attention(device)`."""
+    layers = _check_layers(model, repr_layers)
     device = model.embed_tokens.weight.device
-    real = tokens.ne(model.padding_idx)
-    offsets = cumulative_offsets(real.sum(1))
-    packing = packing or default_packing(device)
-    if packing == PADDED:
-        padded = esm2_representations(model, to_device(tokens, device), repr_layers)
-        return {layer: rows[real.to(device)] for layer, rows in padded.items()}, offsets
-    packed = to_device(tokens[real], device)
-    return esm2_packed_representations(model, packed, offsets, repr_layers, packing), offsets
-
-
-def cumulative_offsets(lengths: torch.Tensor) -> torch.Tensor:
-    """(n + 1,) offsets of n consecutive runs of rows of these lengths."""
-    return F.pad(lengths.cumsum(0), (1, 0))
-
-
-def esm2_representations(model: ESM2, tokens: torch.Tensor, repr_layers: Iterable[int]) -> dict[int, torch.Tensor]:
-    """Same result as model(tokens, repr_layers=...)['representations']: (B, T, D) per absolute layer;
-    layer 0 is the embeddings after token-dropout scaling and padding zeroing, and the last layer has
-    emb_layer_norm_after applied."""
-    layers = _check_layers(model, repr_layers)
-    batch, length = tokens.shape
-    real = tokens.ne(model.padding_idx)
-    masked = (tokens == model.mask_idx).sum(1)[:, None, None]
-    x = _embed(model, tokens, masked, real.sum(1)[:, None, None]) * real.unsqueeze(-1)
-    # SDPA's boolean mask marks the keys to attend to; without padding the unmasked kernels are faster.
-    attn_mask = real[:, None, None, :] if not real.all() else None
-    cos, sin = rotary_tables(model, torch.arange(length, device=tokens.device))
-    heads = model.attention_heads
-
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (rows.view(batch, length, heads, -1) for rows in (q, k, v))
-        q, k = (rotate(rows, cos, sin).to(v.dtype) for rows in (q, k))
-        context = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=attn_mask)
-        return context.transpose(1, 2).reshape(batch * length, -1)
-
-    out = _encode(model, x.view(batch * length, -1), layers, attend)
-    return {layer: rows.view(batch, length, -1) for layer, rows in out.items()}
-
-
-def esm2_packed_representations(
-    model: ESM2, tokens: torch.Tensor, cu_seqlens: torch.Tensor, repr_layers: Iterable[int],
-    packing: str = PER_SEQUENCE,
-) -> dict[int, torch.Tensor]:
-    """esm2_representations for sequences concatenated without padding: `tokens` (N,) holds each
-    sequence's BOS ... EOS in turn, sequence i at `cu_seqlens[i]:cu_seqlens[i + 1]` (a host tensor, so
-    that nothing here waits for the device). Returns (N, D) per absolute layer."""
-    layers = _check_layers(model, repr_layers)
-    device = tokens.device
-    host_sequence = torch.repeat_interleave(cu_seqlens.diff())
+    tokens, cu_seqlens = to_device(batch.tokens, device), batch.offsets
+    host_sequence = torch.repeat_interleave(batch.lengths)
     sequence, bounds = to_device(host_sequence, device), to_device(cu_seqlens, device)
     masked_so_far = F.pad((tokens == model.mask_idx).cumsum(0), (1, 0))
     masked = masked_so_far[bounds[1:]] - masked_so_far[bounds[:-1]]
     x = _embed(model, tokens, masked[sequence, None], bounds.diff()[sequence, None])
-    cos, sin = rotary_tables(model, to_device(torch.arange(tokens.numel()) - cu_seqlens[host_sequence], device))
+    positions = to_device(torch.arange(tokens.numel()) - cu_seqlens[host_sequence], device)
+    cos, sin = rotary_tables(model, positions)
     heads = model.attention_heads
-    varlen_attention = _jagged_attention(cu_seqlens, bounds) if packing == JAGGED else \
-        _per_sequence_attention(cu_seqlens.tolist())
+    varlen_attention = _varlen_attention(attention or default_attention(device), cu_seqlens, bounds, sequence,
+                                         positions)
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = (rows.view(rows.shape[0], heads, -1) for rows in (q, k, v))
@@ -126,15 +83,52 @@ def esm2_packed_representations(
 VarlenAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _per_sequence_attention(bounds: list[int]) -> VarlenAttention:
-    """Attention of packed (N, heads, head_dim) q, k, v, one SDPA call per sequence."""
+def _varlen_attention(attention: str, cu_seqlens: torch.Tensor, offsets: torch.Tensor, sequence: torch.Tensor,
+                      positions: torch.Tensor) -> VarlenAttention:
+    """Attention of packed (N, heads, head_dim) q, k, v, each token attending to its own sequence's tokens:
+    `cu_seqlens` the sequences' bounds on the host, `offsets` the same on the device, `sequence` and
+    `positions` each token's sequence and position in it, on the device."""
+    if attention == PER_SEQUENCE:
+        return _per_sequence_attention(cu_seqlens.tolist())
+    if attention == CHUNKED:
+        return _per_sequence_attention(cu_seqlens.tolist(), ATTENTION_CHUNK)
+    if attention == JAGGED:
+        return _jagged_attention(cu_seqlens, offsets)
+    if attention == PADDED:
+        return _padded_attention(cu_seqlens.diff(), sequence, positions)
+    raise ValueError(f"attention {attention!r}: one of {', '.join(ATTENTIONS)}")
+
+
+def _per_sequence_attention(bounds: list[int], queries_per_call: int | None = None) -> VarlenAttention:
+    """One SDPA call per sequence, or per block of `queries_per_call` of its queries."""
 
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         context = torch.empty_like(v)
         for start, end in zip(bounds[:-1], bounds[1:]):
-            one = F.scaled_dot_product_attention(*(x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v)))
-            context[start:end] = one[0].transpose(0, 1)
+            keys, values = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (k, v))
+            step = queries_per_call or end - start
+            for first in range(start, end, step):
+                last = min(first + step, end)
+                one = F.scaled_dot_product_attention(q[first:last].transpose(0, 1).unsqueeze(0), keys, values)
+                context[first:last] = one[0].transpose(0, 1)
         return context
+
+    return attention
+
+
+def _padded_attention(lengths: torch.Tensor, sequence: torch.Tensor, positions: torch.Tensor) -> VarlenAttention:
+    """One SDPA call on the sequences padded to the longest, with a mask of the real keys (none when all
+    are as long: the unmasked kernels are faster)."""
+    batch, longest = len(lengths), int(lengths.max())
+    padded_row = sequence * longest + positions
+    real = torch.arange(longest)[None, :] < lengths[:, None]
+    key_mask = None if real.all() else to_device(real, sequence.device)[:, None, None, :]
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (x.new_zeros((batch * longest, *x.shape[1:])).index_copy_(0, padded_row, x)
+                   .view(batch, longest, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask).transpose(1, 2)
+        return context.reshape(batch * longest, *context.shape[-2:]).index_select(0, padded_row)
 
     return attention
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from esm.data import BatchConverter
 
-from extract.models.esm2.chunked_attention import chunked_forward
 from extract.models.esm2 import forward as esm2_forward
-from extract.models.esm2.forward import JAGGED, PACKINGS, PADDED, PER_SEQUENCE, embed_batch, esm2_representations
+from extract.models.esm2.forward import ATTENTIONS, CHUNKED, JAGGED, PADDED, PER_SEQUENCE, embed_batch
 from extract.models.esm2.checkpoints import build_random_esm2, load_model
+from extract.models.esm2.tokens import pack
 from fair_esm_reference import fair_esm_means
 from jobs import AMINO_ACIDS, phage_sample
 
@@ -21,13 +21,36 @@ def tiny(tiny_model_path):
     return loaded.model.eval(), loaded.alphabet
 
 
-def _mixed_batch(alphabet):
+def _mixed_sequences():
     """Mixed lengths, two past the 1022-residue window, one with <mask> tokens (token-dropout scaling)."""
     rng = random.Random(4)
     seqs = ["".join(rng.choices(AMINO_ACIDS, k=n)) for n in (1500, 1100, 400, 37, 5, 1)]
     seqs.append("MKT<mask>AYIAK<mask>QRQISFVK" + "".join(rng.choices(AMINO_ACIDS, k=60)))
-    _, _, tokens = BatchConverter(alphabet, 1022)([(str(i), s) for i, s in enumerate(seqs)])
+    return seqs
+
+
+def _mixed_batch(alphabet):
+    """fair-esm's padded tokens of the mixed sequences, as its BatchConverter makes them."""
+    _, _, tokens = BatchConverter(alphabet, 1022)([(str(i), s) for i, s in enumerate(_mixed_sequences())])
     return tokens
+
+
+def _packed(alphabet, sequences=None, truncation=1022):
+    return pack(alphabet, _mixed_sequences() if sequences is None else sequences, truncation)
+
+
+@pytest.mark.parametrize("truncation", [1022, 30])
+def test_packed_tokens_are_fair_esms_batch_converter_tokens_without_the_padding(tiny, truncation):
+    _, alphabet = tiny
+    seqs = _mixed_sequences()
+    _, _, expected = BatchConverter(alphabet, truncation)([(str(i), s) for i, s in enumerate(seqs)])
+    batch = _packed(alphabet, seqs, truncation)
+    real = expected.ne(alphabet.padding_idx)
+    assert batch.offsets.tolist() == [0, *real.sum(1).cumsum(0).tolist()]
+    assert torch.equal(batch.tokens, expected[real])
+    assert torch.equal(batch.padded(alphabet.padding_idx), expected)
+    assert batch.tokens[batch.offsets[:-1]].eq(alphabet.cls_idx).all()
+    assert batch.tokens[batch.offsets[1:] - 1].eq(alphabet.eos_idx).all()
 
 
 def _fair_esm(model, tokens, layers):
@@ -35,37 +58,40 @@ def _fair_esm(model, tokens, layers):
         return model(tokens, repr_layers=layers)["representations"]
 
 
-def test_padded_forward_matches_fair_esm(tiny):
+def test_padded_attention_matches_fair_esm(tiny):
     model, alphabet = tiny
     tokens = _mixed_batch(alphabet)
     real = tokens.ne(alphabet.padding_idx)
     expected = _fair_esm(model, tokens, [0, 1, 2])
     with torch.inference_mode():
-        ours = esm2_representations(model, tokens, [0, 1, 2])
+        ours = embed_batch(model, _packed(alphabet), [0, 1, 2], PADDED)
     assert tokens.shape[1] == 1024 and not real.all()
     assert sorted(ours) == [0, 1, 2]
     for layer in (0, 1, 2):
-        assert ours[layer].shape == expected[layer].shape
-        assert (ours[layer][real] - expected[layer][real]).abs().max() <= 1e-4
+        assert ours[layer].shape == expected[layer][real].shape
+        assert (ours[layer] - expected[layer][real]).abs().max() <= 1e-4
 
 
 def test_batch_without_padding_matches_fair_esm(tiny):
     model, alphabet = tiny
     tokens = _mixed_batch(alphabet)[:2]
+    assert tokens.ne(alphabet.padding_idx).all()
     expected = _fair_esm(model, tokens, [2])
     with torch.inference_mode():
-        assert (esm2_representations(model, tokens, [2])[2] - expected[2]).abs().max() <= 1e-4
+        ours = embed_batch(model, _packed(alphabet, _mixed_sequences()[:2]), [2], PADDED)
+    assert (ours[2] - expected[2].flatten(0, 1)).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("packing", PACKINGS)
-def test_embed_batch_rows_match_fair_esm_per_sequence(tiny, packing):
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_embed_batch_rows_match_fair_esm_per_sequence(tiny, attention):
     model, alphabet = tiny
     tokens = _mixed_batch(alphabet)
     real = tokens.ne(alphabet.padding_idx)
     expected = _fair_esm(model, tokens, [0, 1, 2])
+    batch = _packed(alphabet)
     with torch.inference_mode():
-        rows, offsets = embed_batch(model, tokens, [0, 1, 2], packing)
-    assert offsets.tolist() == [0, *real.sum(1).cumsum(0).tolist()]
+        rows = embed_batch(model, batch, [0, 1, 2], attention)
+    offsets = batch.offsets
     for layer in (0, 1, 2):
         assert rows[layer].shape == (int(real.sum()), model.embed_dim)
         for i in range(len(tokens)):
@@ -73,10 +99,29 @@ def test_embed_batch_rows_match_fair_esm_per_sequence(tiny, packing):
             assert (ours - expected[layer][i, real[i]]).abs().max() <= 1e-4
 
 
+def test_chunked_attention_takes_queries_a_block_at_a_time(tiny, monkeypatch):
+    """The low-memory attention: the 1024-token window's queries in 128-query calls, against all its keys."""
+    model, alphabet = tiny
+    batch = _packed(alphabet, _mixed_sequences()[:1])
+    shapes = []
+
+    def counted(q, k, v, **kwargs):
+        shapes.append((q.shape[-2], k.shape[-2]))
+        return sdpa(q, k, v, **kwargs)
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(esm2_forward.F, "scaled_dot_product_attention", counted)
+    with torch.inference_mode():
+        embed_batch(model, batch, [1], CHUNKED)
+    assert shapes == [(128, 1024)] * 8
+
+
 def test_jagged_calls_of_at_most_so_many_sequences_give_the_same_rows(tiny, monkeypatch):
     """CUDA's varlen kernels take at most 65535 sequences a call; a batch of more is split: here 7 into 3 + 3 + 1."""
     model, alphabet = tiny
     tokens = _mixed_batch(alphabet)
+    batch = _packed(alphabet)
+    offsets = batch.offsets
     calls = []
 
     def counted(*args, **kwargs):
@@ -85,10 +130,10 @@ def test_jagged_calls_of_at_most_so_many_sequences_give_the_same_rows(tiny, monk
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
     with torch.inference_mode():
-        whole, offsets = embed_batch(model, tokens, [2], JAGGED)
+        whole = embed_batch(model, batch, [2], JAGGED)
         monkeypatch.setattr(esm2_forward, "SEQUENCES_PER_JAGGED_CALL", 3)
         monkeypatch.setattr(esm2_forward.F, "scaled_dot_product_attention", counted)
-        split, _ = embed_batch(model, tokens, [2], JAGGED)
+        split = embed_batch(model, batch, [2], JAGGED)
     assert calls == [3, 3, 1] * model.num_layers
     assert (split[2] - whole[2]).abs().max() <= 1e-6
     expected = _fair_esm(model, tokens, [2])[2]
@@ -104,32 +149,40 @@ def test_only_the_layers_asked_for_are_returned_and_computed(tiny):
     expected = _fair_esm(model, tokens, [1])
     truncated = copy.deepcopy(model)
     truncated.layers[1] = torch.nn.Module()  # any use of the last layer would raise AttributeError
+    batch = _packed(alphabet)
     with torch.inference_mode():
-        for packing in PACKINGS:
-            rows, _ = embed_batch(truncated, tokens, [1, 0], packing)
+        for attention in ATTENTIONS:
+            rows = embed_batch(truncated, batch, [1, 0], attention)
             assert sorted(rows) == [0, 1]
             assert (rows[1] - expected[1][real]).abs().max() <= 1e-4
-        assert sorted(esm2_representations(truncated, tokens, [0])) == [0]
+        assert sorted(embed_batch(truncated, batch, [0])) == [0]
 
 
 @pytest.mark.parametrize("layers", [[3], [-1], []])
 def test_layers_the_model_does_not_have_are_refused(tiny, layers):
     model, alphabet = tiny
     with pytest.raises(ValueError, match="repr_layers"):
-        esm2_representations(model, _mixed_batch(alphabet), layers)
+        embed_batch(model, _packed(alphabet), layers)
 
 
-# The jagged packing (the CUDA default) falls back to a slow math kernel on the CPU: it is checked in fp32 above.
-@pytest.mark.parametrize("packing", [PER_SEQUENCE, PADDED])
-def test_bf16_mean_embeddings_match_fp32_fair_esm_on_real_proteins(phage_dir, packing):
+def test_an_attention_that_does_not_exist_is_refused(tiny):
+    model, alphabet = tiny
+    with pytest.raises(ValueError, match="attention 'dense': one of per_sequence, jagged, padded, chunked"):
+        embed_batch(model, _packed(alphabet), [1], "dense")
+
+
+# The jagged attention (the CUDA default) falls back to a slow math kernel on the CPU: it is checked in fp32 above.
+@pytest.mark.parametrize("attention", [PER_SEQUENCE, PADDED, CHUNKED])
+def test_bf16_mean_embeddings_match_fp32_fair_esm_on_real_proteins(phage_dir, attention):
     model = build_random_esm2(6, 320, 20).eval()
     alphabet = model.alphabet
     seqs = [seq for _, seq in phage_sample(phage_dir, 20, long=2)]
     expected = fair_esm_means(model, alphabet, seqs, [3, 6])
-    _, _, tokens = BatchConverter(alphabet, 1022)([(str(i), s) for i, s in enumerate(seqs)])
+    batch = pack(alphabet, seqs, 1022)
     with torch.inference_mode():
-        esm2_representations(model, tokens[:2], [6])  # used in fp32 first, then cast in place
-        rows, offsets = embed_batch(model.to(torch.bfloat16), tokens, [3, 6], packing)
+        embed_batch(model, pack(alphabet, seqs[:2], 1022), [6])  # used in fp32 first, then cast in place
+        rows = embed_batch(model.to(torch.bfloat16), batch, [3, 6], attention)
+    offsets = batch.offsets
     for layer in (3, 6):
         assert rows[layer].dtype == torch.bfloat16
         means = torch.stack([rows[layer][offsets[i] + 1 : offsets[i + 1] - 1].float().mean(0) for i in range(len(seqs))])
@@ -138,16 +191,17 @@ def test_bf16_mean_embeddings_match_fp32_fair_esm_on_real_proteins(phage_dir, pa
 
 
 def test_bf16_low_memory_forward_rotates_in_fp32_like_the_fast_one():
-    """fair-esm rotates 16-bit positions in 16 bits (past 256 neighbours merge); both our forwards use fp32
+    """fair-esm rotates 16-bit positions in 16 bits (past 256 neighbours merge); both our attentions use fp32
     tables, so past position 512 the low-memory rows are as close to fp32 fair-esm as the fast ones."""
     model = build_random_esm2(6, 320, 20).eval()
     sequence = "".join(random.Random(6).choices(AMINO_ACIDS, k=1000))
     _, _, tokens = BatchConverter(model.alphabet, 1022)([("long", sequence)])
     expected = _fair_esm(model, tokens, [6])[6][0, 513:]
+    batch = pack(model.alphabet, [sequence], 1022)
     with torch.inference_mode():
         model = model.to(torch.bfloat16)
-        fast = embed_batch(model, tokens, [6])[0][6][513:]
-        low_memory = chunked_forward(model, tokens, [6])[6][0, 513:]
+        fast = embed_batch(model, batch, [6])[6][513:]
+        low_memory = embed_batch(model, batch, [6], CHUNKED)[6][513:]
     error = {name: (1 - torch.nn.functional.cosine_similarity(rows.float(), expected, dim=1)).mean()
              for name, rows in (("fast", fast), ("low memory", low_memory))}
     assert error["low memory"] <= 1.5 * error["fast"], error
@@ -158,14 +212,15 @@ def test_changed_weights_are_used_at_once(tiny):
     model, alphabet = tiny
     model = copy.deepcopy(model)
     tokens = _mixed_batch(alphabet)[3:]
+    batch = _packed(alphabet, _mixed_sequences()[3:])
     real = tokens.ne(alphabet.padding_idx)
     with torch.inference_mode():
-        before, _ = embed_batch(model, tokens, [2])
+        before = embed_batch(model, batch, [2])
     with torch.no_grad():
         model.layers[0].self_attn.k_proj.weight.mul_(2)  # in place
         model.layers[1].self_attn.v_proj.bias = torch.nn.Parameter(model.layers[1].self_attn.v_proj.bias + 1)
     with torch.inference_mode():
-        rows, _ = embed_batch(model, tokens, [2])
+        rows = embed_batch(model, batch, [2])
     expected = _fair_esm(model, tokens, [2])[2][real]
     assert (before[2] - expected).abs().max() > 1e-2
     assert (rows[2] - expected).abs().max() <= 1e-4
