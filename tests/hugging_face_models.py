@@ -12,8 +12,14 @@ import numpy as np
 import safetensors.torch
 import torch
 from esm.data import Alphabet, BatchConverter
+from huggingface_hub.utils import disable_progress_bars
 from transformers import EsmConfig, EsmForMaskedLM, EsmModel
+from transformers.utils import logging as transformers_logging
 
+# Progress bars and load reports on stderr would mix with the lines the tests read there.
+disable_progress_bars()
+transformers_logging.disable_progress_bar()
+transformers_logging.set_verbosity_error()
 ALPHABET = Alphabet.from_architecture("ESM-1b")  # ESM-2's vocabulary, in the hub's order too
 
 
