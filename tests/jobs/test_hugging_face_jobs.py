@@ -157,6 +157,9 @@ def _unusable_checkpoints(folder):
     save_file(weights, incomplete / "model.safetensors")
     no_weights = save_random_model(folder / "no_weights", esm2_config(1, 16, 2))
     (no_weights / "model.safetensors").unlink()
+    broken_ref = folder / "empty" / "models--someone--esm2_broken" / "refs" / "main"
+    broken_ref.parent.mkdir(parents=True)
+    broken_ref.write_text("../../../elsewhere\n")
     return {
         "ESMFold": (esmfold, f"model {esmfold / 'config.json'}: ESMFold (EsmForProteinFolding) is a structure "
                              f"model, not an ESM-2 encoder"),
@@ -187,11 +190,13 @@ def _unusable_checkpoints(folder):
                        f"{folder / 'empty' / 'models--facebook--esm2_t33_650M_UR50D' / 'refs' / 'v2'}); fetch it "
                        f"where there is network with `hf download facebook/esm2_t33_650M_UR50D --revision v2` "
                        f"(HF_HUB_CACHE or HF_HOME choose the cache), or pass the model's directory"),
+        "broken ref": ("someone/esm2_broken", f"model someone/esm2_broken: {broken_ref} holds no commit hash; fetch "
+                                              f"the model again with `hf download someone/esm2_broken`"),
     }
 
 
 CASES = ["ESMFold", "ESM-1b", "vocabulary", "feed-forward", "layer norm before", "not ESM", "unmerged LoRA",
-         "PEFT adapter", "incomplete", "no weights", "weights file", "not cached"]
+         "PEFT adapter", "incomplete", "no weights", "weights file", "not cached", "broken ref"]
 
 
 @pytest.fixture(scope="module")

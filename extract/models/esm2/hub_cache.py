@@ -13,7 +13,8 @@ from pathlib import Path
 
 from extract.errors import UserError
 
-REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
+# A revision may name a branch with slashes, but not climb out of `refs/` with `..`.
+REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>(?!.*\.\.)[\w./-]+))?")
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 FILE_SUFFIXES = (".pt", ".bin", ".safetensors", ".json")  # a path to a file, not a repo id
 
@@ -52,6 +53,8 @@ def cached_snapshot(spec: str) -> Snapshot:
                         f"where there is network with `hf download {repo_id}"
                         f"{f' --revision {revision}' if revision != 'main' else ''}` (HF_HUB_CACHE or HF_HOME "
                         f"choose the cache), or pass the model's directory")
+    if not COMMIT_HASH.fullmatch(commit):
+        raise UserError(f"model {spec}: {ref} holds no commit hash; fetch the model again with `hf download {repo_id}`")
     directory = repo / "snapshots" / commit
     if not directory.is_dir():
         raise UserError(f"model {spec}: the Hugging Face cache has no snapshot of commit {commit} ({directory}); "
