@@ -39,7 +39,8 @@ def random_model(config: EsmConfig, seed: int, model_class=EsmForMaskedLM) -> to
     torch.manual_seed(seed)  # after building: the heads' initialisers draw numbers too, and models differ in heads
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            centre = 1.0 if name.endswith(("LayerNorm.weight", "layer_norm.weight", "emb_layer_norm_after.weight")) else 0.0
+            is_norm_scale = name.endswith(("LayerNorm.weight", "layer_norm.weight", "emb_layer_norm_after.weight"))
+            centre = 1.0 if is_norm_scale else 0.0
             parameter.copy_(centre + 0.1 * torch.randn_like(parameter))
     return model
 

@@ -168,11 +168,13 @@ def _unusable_checkpoints(folder):
         "vocabulary": (_edited_config(folder, "vocab", vocab_size=35),
                        "config.json: a vocabulary of 35 tokens; ESM-2's has 33"),
         "feed-forward": (_edited_config(folder, "ffn", intermediate_size=48),
-                         "config.json: intermediate_size 48; ESM-2's feed-forward layers are 4 x hidden_size (64) wide"),
+                         "config.json: intermediate_size 48; ESM-2's feed-forward layers are 4 x hidden_size (64) "
+                         "wide"),
         "layer norm before": (_edited_config(folder, "norm_before", emb_layer_norm_before=True),
                               "config.json: a layer norm before the first layer (emb_layer_norm_before, as in "
                               "ESM-1b); ESM-2 has none"),
-        "not ESM": (_edited_config(folder, "bert", model_type="bert"), "config.json: model_type 'bert': not an ESM model"),
+        "not ESM": (_edited_config(folder, "bert", model_type="bert"),
+                    "config.json: model_type 'bert': not an ESM model"),
         "unmerged LoRA": (lora, "model.safetensors: holds unmerged LoRA weights "
                                 "(esm.encoder.layer.0.attention.self.query.lora_A.default.weight); merge them into "
                                 "the model (PEFT's merge_and_unload) and save that with save_pretrained"),

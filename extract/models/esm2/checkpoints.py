@@ -18,7 +18,7 @@ from esm.model.esm2 import ESM2
 from extract.errors import UserError
 from extract.models.esm2 import hub_cache, hugging_face
 from extract.models.esm2.safe_loading import load_pickled
-from extract.models.esm2.weight_placement import ParametersOnMeta, assign_weights, converted
+from extract.models.esm2.weight_placement import ParametersOnMeta, assign_weights, converted, one_line
 
 # fair-esm's published ESM-2 models: name -> (layers, embed_dim, attention_heads).
 ESM2_ARCHITECTURES = {
@@ -114,9 +114,7 @@ def _load_checkpoint_file(path: Path, device: torch.device, dtype: torch.dtype) 
             model, _, state = esm.pretrained._load_model_and_alphabet_core_v2(data)
         assign_weights(model, {key: converted(value, device, dtype) for key, value in state.items()}, device, dtype)
     except (AttributeError, KeyError, RuntimeError) as err:
-        problems = "; ".join(line.strip().rstrip(".") for line in str(err).splitlines()
-                             if not line.startswith("Error(s)"))
-        raise UserError(f"model {path}: not a usable ESM-2 checkpoint ({problems})") from None
+        raise UserError(f"model {path}: not a usable ESM-2 checkpoint ({one_line(err)})") from None
     return model.eval()
 
 

@@ -21,7 +21,8 @@ from esm.model.esm2 import ESM2
 
 from extract.errors import UserError
 from extract.models.esm2.safe_loading import load_pickled, load_safetensors
-from extract.models.esm2.weight_placement import UNUSED_HEADS, ParametersOnMeta, assign_weights, converted
+from extract.models.esm2.weight_placement import (UNUSED_HEADS, ParametersOnMeta, assign_weights, converted,
+                                                  one_line)
 
 CONFIG = "config.json"
 # In the order transformers prefers them when a directory holds several.
@@ -61,7 +62,8 @@ def read_config(directory: Path) -> Esm2Config:
     """The ESM-2 shape and settings of `directory/config.json`; anything that is not ESM-2 is refused."""
     path = directory / CONFIG
     if not path.is_file():
-        raise UserError(f"model {directory}: no {CONFIG}, so not a Hugging Face model directory{_adapter_hint(directory)}")
+        raise UserError(f"model {directory}: no {CONFIG}, so not a Hugging Face model directory"
+                        f"{_adapter_hint(directory)}")
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -105,7 +107,8 @@ def _not_esm2_shape(config: dict) -> str | None:
         if not isinstance(config.get(key), int) or isinstance(config[key], bool) or config[key] < 1:
             return f"{key} {config.get(key)!r}: not a positive whole number"
     if config["hidden_size"] % config["num_attention_heads"]:
-        return f"hidden_size {config['hidden_size']} is no multiple of num_attention_heads {config['num_attention_heads']}"
+        return (f"hidden_size {config['hidden_size']} is no multiple of num_attention_heads "
+                f"{config['num_attention_heads']}")
     if config["intermediate_size"] != 4 * config["hidden_size"]:
         return (f"intermediate_size {config['intermediate_size']}; ESM-2's feed-forward layers are 4 x hidden_size "
                 f"({4 * config['hidden_size']}) wide")
@@ -172,9 +175,7 @@ def load_weights(model: ESM2, files: list[Path], device: torch.device, dtype: to
     try:
         assign_weights(model, {**encoder, **computed}, device, dtype)
     except RuntimeError as err:
-        problems = "; ".join(line.strip().rstrip(".") for line in str(err).splitlines()
-                             if not line.startswith("Error(s)"))
-        raise UserError(f"model {files[0].parent}: not a usable ESM-2 checkpoint ({problems})") from None
+        raise UserError(f"model {files[0].parent}: not a usable ESM-2 checkpoint ({one_line(err)})") from None
     return sorted(heads)
 
 

@@ -47,3 +47,8 @@ def assign_weights(model: ESM2, state: dict[str, torch.Tensor], device: torch.de
     # fair-esm copies the checkpoint's `lm_head.weight` into the embedding last; assigning untied them, so
     # tie them again on that same tensor.
     model.embed_tokens.weight = model.lm_head.weight
+
+
+def one_line(err: Exception) -> str:
+    """`load_state_dict`'s list of problems (missing, unexpected, mis-shaped weights) as one line."""
+    return "; ".join(line.strip().rstrip(".") for line in str(err).splitlines() if not line.startswith("Error(s)"))

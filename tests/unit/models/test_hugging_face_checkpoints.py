@@ -101,7 +101,8 @@ def spellings(tmp_path_factory):
     return {
         "transformers' own": (written, ["contact_head", "lm_head"]),
         "the hub's": (rewrite_as_the_hub_files_are(written, root / "hub"), ["contact_head", "lm_head"]),
-        "no esm. prefix": (rewrite_as_the_hub_files_are(written, root / "bare", prefix=""), ["contact_head", "lm_head"]),
+        "no esm. prefix": (rewrite_as_the_hub_files_are(written, root / "bare", prefix=""),
+                           ["contact_head", "lm_head"]),
         "pytorch_model.bin": (save_random_model(root / "bin", config, safe_serialization=False),
                               ["contact_head", "lm_head"]),
         "sharded": (save_random_model(root / "shards", config, max_shard_size="40KB"), ["contact_head", "lm_head"]),
