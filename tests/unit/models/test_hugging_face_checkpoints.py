@@ -184,3 +184,13 @@ def test_the_cache_is_where_huggingface_hub_looks(variables):
     ours, theirs = subprocess.run([sys.executable, "-c", script], env={**env, **variables}, cwd=REPO,
                                   capture_output=True, text=True, check=True).stdout.split()
     assert ours == theirs
+
+
+def test_loading_a_hugging_face_checkpoint_imports_neither_transformers_nor_huggingface_hub(spellings):
+    """transformers is the tests' reference only: the job maps the weights itself."""
+    script = ("import sys; from extract.models.esm2.checkpoints import load_model; load_model(sys.argv[1]); "
+              "print(sorted({name.split('.')[0] for name in sys.modules} & {'transformers', 'huggingface_hub'}))")
+    directory = spellings["transformers' own"][0]
+    imported = subprocess.run([sys.executable, "-c", script, str(directory)], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    assert imported == "[]"
