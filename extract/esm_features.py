@@ -40,7 +40,9 @@ REPORTED_PACKAGES = ("torch", "fair-esm", "h5py", "numpy", "biopython")
 def create_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esm_features", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
-                        help="fair-esm name (e.g. esm2_t33_650M_UR50D), path to a fair-esm .pt, or random:<name>")
+                        help="fair-esm name (e.g. esm2_t33_650M_UR50D), path to a fair-esm .pt, Hugging Face model "
+                             "directory or cached hub repo id (facebook/esm2_t33_650M_UR50D[@revision]), "
+                             "or random:<name>")
     parser.add_argument("--fasta", required=True, nargs="+", type=Path, help="protein FASTA files, plain or gzip")
     parser.add_argument("--out", required=True, type=Path, help="the HDF5 output file")
     # Given twice, these add up (`--include mean --include bos` stores both); their defaults are set after parsing,
@@ -140,8 +142,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         # minutes that a bad --model should not cost.
         dtype = choose_dtype(args.dtype, device)
         loaded = load_model(args.model, lambda: collectives.local_leader_first(identity), device, dtype)
-        # The fingerprint tells apart checkpoints of one file name by their contents: rank 0 hashes the file.
-        sha256 = collectives.leader_decides(identity, lambda: checkpoint_sha256(args.model))
+        # The fingerprint tells apart checkpoints of one name by their contents: rank 0 hashes the files.
+        sha256 = collectives.leader_decides(identity, lambda: checkpoint_sha256(loaded))
         loaded = dataclasses.replace(loaded, sha256=sha256)
         embedder = _embedder(args, loaded, long_sequences, device, dtype)
         index_directory = input_index.directory_for(args.out)
@@ -181,8 +183,8 @@ def _dry_run(args: argparse.Namespace, argv: list[str], long_sequences: LongSequ
     saved = input_index.saved_if_current(args.fasta, input_index.directory_for(args.out))
     inputs = saved or input_index.build(args.fasta, None)
     dtype = choose_dtype(args.dtype, device)
-    loaded = dataclasses.replace(load_model(args.model, device=torch.device("meta"), dtype=dtype),
-                                 sha256=checkpoint_sha256(args.model))
+    loaded = load_model(args.model, device=torch.device("meta"), dtype=dtype)
+    loaded = dataclasses.replace(loaded, sha256=checkpoint_sha256(loaded))
     embedder = _embedder(args, loaded, long_sequences, torch.device("meta"), dtype)
     lines = dry_run.describe(inputs, embedder, _job_settings(args, argv, embedder), world_size)
     if device.type == "cuda" and args.toks_per_batch == "auto":

@@ -88,7 +88,7 @@ def _unusable_models(folder, tiny_model_path):
         "truncated": (folder / "truncated.pt", "not a readable PyTorch checkpoint (PytorchStreamReader failed "
                                                "reading zip archive: failed finding central directory)"),
         "not ESM-2": (folder / "other.pt", "not a fair-esm ESM-2 checkpoint (no 'cfg' and 'model')"),
-        "missing": (folder / "missing.pt", "no such file, and not a fair-esm ESM-2 name"),
+        "missing": (folder / "missing.pt", "no such file or directory, and not a fair-esm ESM-2 name"),
         "damaged": (folder / "damaged.pt", 'not a usable ESM-2 checkpoint (Missing key(s) in state_dict: '
                                            '"layers.1.fc2.bias"; Unexpected key(s) in state_dict: "extra.weight"; '
                                            'size mismatch for layers.0.fc1.weight: copying a param with shape '
@@ -116,7 +116,8 @@ def test_a_bad_model_is_refused_before_the_inputs_are_read(tmp_path, capsys):
     out = tmp_path / "out.h5"
     code = main(["--model", str(tmp_path / "missing.pt"), "--fasta", str(tmp_path / "missing.fasta"), "--out", str(out)])
     assert code == 2
-    assert capsys.readouterr().err.strip() == (f"esm_features: error: model {tmp_path / 'missing.pt'}: no such file, "
-                                               f"and not a fair-esm ESM-2 name ({', '.join(ESM2_ARCHITECTURES)}) "
-                                               f"or random:<name>")
+    assert capsys.readouterr().err.strip() == (f"esm_features: error: model {tmp_path / 'missing.pt'}: no such file "
+                                               f"or directory, and not a fair-esm ESM-2 name "
+                                               f"({', '.join(ESM2_ARCHITECTURES)}), a Hugging Face repo id "
+                                               f"(owner/name[@revision]) or random:<name>")
     assert list(tmp_path.iterdir()) == []

@@ -1,12 +1,11 @@
-"""Loading ESM-2 once per rank, straight into the compute dtype on its device: by fair-esm name, by path to a
-fair-esm `.pt`, or `random:<name>`."""
+"""Loading ESM-2 once per rank, straight into the compute dtype on its device, from what `--model` names: a
+fair-esm name, a path to a fair-esm `.pt`, a Hugging Face model directory or hub repo id (`hugging_face`,
+`hub_cache`), or `random:<name>`. No loading runs code from a file (`safe_loading`)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import pickle
-import zipfile
 from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +14,11 @@ from typing import Callable, ContextManager
 import esm
 import torch
 from esm.model.esm2 import ESM2
-from torch.overrides import TorchFunctionMode
 
 from extract.errors import UserError
+from extract.models.esm2 import hub_cache, hugging_face
+from extract.models.esm2.safe_loading import load_pickled
+from extract.models.esm2.weight_placement import ParametersOnMeta, assign_weights, converted, one_line
 
 # fair-esm's published ESM-2 models: name -> (layers, embed_dim, attention_heads).
 ESM2_ARCHITECTURES = {
@@ -32,6 +33,9 @@ HUB_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
 RANDOM_PREFIX = "random:"
 RANDOM_SEED = 0
 CPU = torch.device("cpu")
+# Where the weights came from, as the output's `model_source` attribute says.
+FAIR_ESM_NAME, FAIR_ESM_FILE, HUB_REPO, MODEL_DIRECTORY, RANDOM = (
+    "fair-esm", "fair-esm file", "hugging-face hub", "hugging-face directory", "random")
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,11 @@ class LoadedModel:
     alphabet: esm.Alphabet
     name: str
     random_weights: bool
-    sha256: str | None = None  # of the checkpoint file a path named (`checkpoint_sha256`)
+    source: str
+    files: tuple[Path, ...] = ()  # the checkpoint's files that `checkpoint_sha256` digests
+    revision: str | None = None  # the Hugging Face hub commit
+    heads_left_out: tuple[str, ...] = ()
+    sha256: str | None = None  # `checkpoint_sha256`
 
     @property
     def num_layers(self) -> int:
@@ -71,20 +79,6 @@ def build_random_esm2(
         return ESM2(num_layers, embed_dim, attention_heads, alphabet="ESM-1b", token_dropout=True)
 
 
-class _ParametersOnMeta(TorchFunctionMode):
-    """Modules built inside get their parameters on the meta device (`torch.nn`'s layers allocate them with
-    `torch.empty`) and no initialiser runs; the rest, such as the rotary `inv_freq` buffer fair-esm computes,
-    is built on the CPU as usual. Arithmetic on meta tensors would import torch._dynamo: 1.5 s a process."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.empty:
-            kwargs = {**kwargs, "device": "meta"}
-        elif getattr(func, "__module__", None) == "torch.nn.init":
-            return kwargs["tensor"]  # every initialiser passes its tensor on by this keyword
-        return func(*args, **kwargs)
-
-
 def hub_checkpoint_path(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
 
@@ -105,98 +99,100 @@ def fetch_hub_checkpoint(name: str) -> Path:
 
 
 def _read_checkpoint(path: Path) -> dict:
-    try:
-        # fair-esm checkpoints pickle an argparse Namespace, which weights_only refuses. Only the zip
-        # layout (torch >= 1.6) can be memory-mapped; older checkpoints are read whole.
-        data = torch.load(str(path), map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        reason = str(err).split("\n")[0].split(". ")[0].rstrip(".")
-        raise UserError(f"model {path}: not a readable PyTorch checkpoint ({reason})") from None
+    data = load_pickled(path, allowed=[Namespace])  # fair-esm keeps its settings in an argparse Namespace
     if not (isinstance(data, dict) and "cfg" in data and "model" in data):
         raise UserError(f"model {path}: not a fair-esm ESM-2 checkpoint (no 'cfg' and 'model')")
     return data
 
 
-def _load_checkpoint_file(path: Path, name: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def _load_checkpoint_file(path: Path, device: torch.device, dtype: torch.dtype) -> ESM2:
     """fair-esm's ESM-2 with the file's weights, each tensor converted once, straight into `dtype` on
-    `device`: the module is built on the meta device (no random initialisation, no memory) and takes the
-    tensors themselves (`assign`), so fp32 on the CPU uses the memory-mapped file's pages as they are."""
+    `device` (`weight_placement`): fp32 on the CPU uses the memory-mapped file's pages as they are."""
     data = _read_checkpoint(path)
     try:
-        with _ParametersOnMeta():  # fair-esm's own ESM-2 construction and state-dict upgrade
-            model, alphabet, state = esm.pretrained._load_model_and_alphabet_core_v2(data)
-        state = {key: _converted(value, device, dtype) for key, value in state.items()}
-        state.update(_zero_contact_regression(model, state, device, dtype))
-        model.load_state_dict(state, strict=True, assign=True)
+        with ParametersOnMeta():  # fair-esm's own ESM-2 construction and state-dict upgrade
+            model, _, state = esm.pretrained._load_model_and_alphabet_core_v2(data)
+        assign_weights(model, {key: converted(value, device, dtype) for key, value in state.items()}, device, dtype)
     except (AttributeError, KeyError, RuntimeError) as err:
-        problems = "; ".join(line.strip().rstrip(".") for line in str(err).splitlines()
-                             if not line.startswith("Error(s)"))
-        raise UserError(f"model {path}: not a usable ESM-2 checkpoint ({problems})") from None
-    # fair-esm ties the LM head's weight to the token embedding and copies the checkpoint's `lm_head.weight`
-    # into it last; assigning untied them, so tie them again on that same tensor.
-    model.embed_tokens.weight = model.lm_head.weight
-    return LoadedModel(model.eval(), alphabet, name, random_weights=False)
-
-
-def _converted(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Floating tensors (weights and the rotary `inv_freq` buffer alike, as `Module.to(dtype)` does) in
-    `dtype` on `device`: the tensor itself, no copy, where it is there already. To an accelerator the file's
-    values travel as they are and are cast there, which is faster than casting them on the host first."""
-    dtype = dtype if tensor.is_floating_point() else tensor.dtype
-    return tensor.to(device=device).to(dtype=dtype) if device.type != "cpu" else tensor.to(dtype=dtype)
-
-
-def _zero_contact_regression(model: ESM2, state: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """fair-esm's published checkpoints keep the contact-regression weights in a separate file, and its loader
-    leaves them random; embeddings never use them, so they are zeros here (on `device`, so `to()` works)."""
-    regression = model.contact_head.regression
-    return {f"contact_head.regression.{name}": torch.zeros(param.shape, device=device, dtype=dtype)
-            for name, param in regression.named_parameters() if f"contact_head.regression.{name}" not in state}
+        raise UserError(f"model {path}: not a usable ESM-2 checkpoint ({one_line(err)})") from None
+    return model.eval()
 
 
 def load_model(spec: str, local_leader_first: Callable[[], ContextManager] = contextlib.nullcontext,
                device: torch.device = CPU, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Resolve a `--model` value into an ESM-2 in eval mode, its weights in `dtype` on `device`;
     `local_leader_first` lets one process per node fetch first. On the meta device (a dry run) only the
-    model's shape is built: nothing fetched, nothing held."""
+    model's shape is built: nothing fetched, no weights read, nothing held."""
     if spec.startswith(RANDOM_PREFIX):
         name = spec[len(RANDOM_PREFIX) :]
         if name not in ESM2_ARCHITECTURES:
             raise UserError(f"model {spec}: unknown ESM-2 name; choose one of {', '.join(ESM2_ARCHITECTURES)}")
         model = _random_esm2_on(device, dtype, ESM2_ARCHITECTURES[name])
-        return LoadedModel(model, model.alphabet, name, random_weights=True)
+        return LoadedModel(model, model.alphabet, name, random_weights=True, source=RANDOM)
     if spec in ESM2_ARCHITECTURES:
         if device.type == "meta":
             model = _random_esm2_on(device, dtype, ESM2_ARCHITECTURES[spec])
-            return LoadedModel(model, model.alphabet, spec, random_weights=False)
-        with local_leader_first():
-            path = fetch_hub_checkpoint(spec)
-        return _load_checkpoint_file(path, spec, device, dtype)
+        else:
+            with local_leader_first():
+                path = fetch_hub_checkpoint(spec)
+            model = _load_checkpoint_file(path, device, dtype)
+        return LoadedModel(model, model.alphabet, spec, random_weights=False, source=FAIR_ESM_NAME)
     path = Path(spec)
-    if not path.is_file():
-        raise UserError(
-            f"model {spec}: no such file, and not a fair-esm ESM-2 name "
-            f"({', '.join(ESM2_ARCHITECTURES)}) or random:<name>"
-        )
-    return _load_checkpoint_file(path, path.stem, device, dtype)
+    if path.is_dir():
+        return _load_hugging_face(path, path.resolve().name, MODEL_DIRECTORY, None, device, dtype)
+    if path.is_file():
+        if path.name in (hugging_face.CONFIG, *hugging_face.WEIGHT_FILES):
+            raise UserError(f"model {spec}: a file of a Hugging Face model; pass its directory, {path.parent}")
+        return _fair_esm_file(path, device, dtype)
+    if hub_cache.is_repo_id(spec):
+        snapshot = hub_cache.cached_snapshot(spec)
+        return _load_hugging_face(snapshot.directory, snapshot.repo_id, HUB_REPO, snapshot.commit, device, dtype)
+    raise UserError(f"model {spec}: no such file or directory, and not a fair-esm ESM-2 name "
+                    f"({', '.join(ESM2_ARCHITECTURES)}), a Hugging Face repo id (owner/name[@revision]) "
+                    f"or random:<name>")
 
 
-def checkpoint_sha256(spec: str) -> str | None:
-    """The sha256 of the checkpoint file a path `--model` names: two files of one name may hold other
-    weights. None for fair-esm names and random:<name>, whose names say which weights they are. Reads the
-    whole file (at about 1.5 GB/s per core: 7 s for ESM-2 3B)."""
-    if spec.startswith(RANDOM_PREFIX) or spec in ESM2_ARCHITECTURES:
-        return None
+def _fair_esm_file(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    model = _load_checkpoint_file(path, device, dtype)
+    return LoadedModel(model, model.alphabet, path.stem, random_weights=False, source=FAIR_ESM_FILE, files=(path,))
+
+
+def _load_hugging_face(directory: Path, name: str, source: str, revision: str | None, device: torch.device,
+                       dtype: torch.dtype) -> LoadedModel:
+    config = hugging_face.read_config(directory)
+    files = hugging_face.weight_files(directory)
+    model = hugging_face.build_esm2(config)
+    if device.type == "meta":
+        model, heads = model.to(device=device, dtype=dtype), []
+    else:
+        heads = hugging_face.load_weights(model, files, device, dtype)
+    return LoadedModel(model.eval(), model.alphabet, name, random_weights=False, source=source,
+                       files=(directory / hugging_face.CONFIG, *files), revision=revision,
+                       heads_left_out=tuple(heads))
+
+
+def checkpoint_sha256(loaded: LoadedModel) -> str | None:
+    """What tells apart checkpoints of one name: for a fair-esm `.pt`, the file's sha256; for a Hugging Face
+    checkpoint, the sha256 of its files' listing as `sha256sum config.json <weight files>` prints it (name
+    order). None for fair-esm names and random:<name>, whose names say which weights they are. Reads every
+    file whole (at about 1.5 GB/s per core: 7 s for ESM-2 3B)."""
+    digests = sorted((path.name, _file_sha256(path)) for path in loaded.files)
+    if len(digests) <= 1:
+        return digests[0][1] if digests else None
+    return hashlib.sha256("".join(f"{digest}  {name}\n" for name, digest in digests).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
     try:
-        with open(spec, "rb") as checkpoint:
+        with open(path, "rb") as checkpoint:
             return hashlib.file_digest(checkpoint, "sha256").hexdigest()
     except OSError as err:
-        raise UserError(f"model {spec}: cannot read it ({err.strerror or err})") from None
+        raise UserError(f"model {path}: cannot read it ({err.strerror or err})") from None
 
 
 def _random_esm2_on(device: torch.device, dtype: torch.dtype, architecture: tuple[int, int, int]) -> ESM2:
     """Seeded random weights are drawn on the CPU in fp32 (the same numbers whatever the device); on the
     meta device nothing is drawn at all."""
-    with _ParametersOnMeta() if device.type == "meta" else contextlib.nullcontext():
+    with ParametersOnMeta() if device.type == "meta" else contextlib.nullcontext():
         model = build_random_esm2(*architecture)
     return model.eval().to(device=device, dtype=dtype)

@@ -81,6 +81,8 @@ class Esm2Embedder:
     def settings(self) -> dict:
         return {
             "model": self.loaded.name,
+            "model_source": self.loaded.source,
+            **({"model_revision": self.loaded.revision} if self.loaded.revision else {}),
             **({"model_sha256": self.loaded.sha256} if self.loaded.sha256 else {}),
             "random_weights": self.loaded.random_weights,
             "num_layers": self.loaded.num_layers,
@@ -94,7 +96,9 @@ class Esm2Embedder:
 
     def describe(self) -> str:
         weights = " (random weights)" if self.loaded.random_weights else ""
-        return f"model {self.loaded.name}{weights} on {self.device} in {dtype_name(self.dtype)}"
+        revision = f"@{self.loaded.revision}" if self.loaded.revision else ""
+        heads = f" (heads left out: {', '.join(self.loaded.heads_left_out)})" if self.loaded.heads_left_out else ""
+        return f"model {self.loaded.name}{revision}{weights}{heads} on {self.device} in {dtype_name(self.dtype)}"
 
     def prepare(self, sequences: list[str]) -> Esm2Inputs:
         """The host's share of a batch (run ahead of the forward, on another thread): windows and tokens."""
