@@ -5,8 +5,9 @@
 
 Each file is `torch.save` of fair-esm's dict: `label` (the protein's id), then, as far as OUT.h5 holds them,
 `representations` (per-residue rows, with --include per_tok), `mean_representations` and
-`bos_representations`, each {layer number: float32 tensor}. A `%` or `/` in an id is written as `%25` or
-`%2F` in the file name (fair-esm's extract cannot name such a file); `label` keeps the id as it is.
+`bos_representations`, each {layer number: float32 tensor}. As in fair-esm's extract, a `/` in an id
+puts its file in a subdirectory (`DIR/read7/1.pt` for `read7/1`); an id that would name a file outside DIR
+(a part between slashes that is empty, `.` or `..`) or too long a name is refused before anything is written.
 Proteins are read and written a slice at a time, so memory does not grow with their number; an existing
 file of the same name is replaced, each one atomically. Refuses an output whose job has not finished.
 """
@@ -49,9 +50,9 @@ def create_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def file_name(protein: str) -> str:
-    """The file fair-esm's extract names by a label; `%` and `/` percent-encoded, so that every id has one."""
-    return protein.replace("%", "%25").replace("/", "%2F") + SUFFIX
+def file_path(protein: str) -> str:
+    """Where in the directory fair-esm's extract writes a protein's file (a `/` in its label names a subdirectory)."""
+    return protein + SUFFIX
 
 
 def _id_slices(ids: h5py.Dataset) -> Iterator[tuple[int, list[str]]]:
@@ -85,14 +86,24 @@ def _stored(f: h5py.File) -> dict[str, list[int]]:
     return {group: layers for group in FAIR_ESM_KEYS if group in f}
 
 
-def _check_file_names(path: Path, ids: h5py.Dataset, directory: Path) -> None:
-    """Refuse, before writing anything, an id too long to name a file in `directory`."""
+def _file_path_problem(protein: str, longest: int) -> str | None:
+    parts = file_path(protein).split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "the id would name a file outside --fair-esm-dir (a part between slashes is empty, '.' or '..')"
+    if max(len(os.fsencode(part)) for part in parts) > longest:
+        return f"the id is too long to name a file (at most {longest - len(SUFFIX)} bytes between slashes)"
+    return None
+
+
+def _check_file_paths(path: Path, ids: h5py.Dataset, directory: Path) -> None:
+    """Refuse, before writing anything, an id that cannot name a file in `directory`."""
     longest = os.pathconf(directory, "PC_NAME_MAX")
     for start, block in _id_slices(ids):
         for row, protein in enumerate(block, start + 1):
-            if len(os.fsencode(file_name(protein))) > longest:
-                raise UserError(f"{path}: row {row} ({protein[:40]}...): the id is too long to name a file "
-                                f"(at most {longest - len(SUFFIX)} bytes); nothing exported")
+            problem = _file_path_problem(protein, longest)
+            if problem:
+                shown = protein if len(protein) <= 60 else f"{protein[:60]}..."
+                raise UserError(f"{path}: row {row} ({shown}): {problem}; nothing exported")
 
 
 def _prepared(directory: Path) -> None:
@@ -116,6 +127,7 @@ def _save(result: dict, target: Path) -> None:
     """Under a temporary name, then renamed: an interrupted export leaves no truncated `.pt`."""
     partial = target.with_name(target.name + ".partial")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         torch.save(result, partial)
         os.replace(partial, target)
     except BaseException:
@@ -176,7 +188,7 @@ def _export_slice(f: h5py.File, stored: dict[str, list[int]], start: int, block:
             else:
                 values = {layer: _tensor(pooled[group][layer][i]) for layer in layers}
             result[FAIR_ESM_KEYS[group]] = values
-        _save(result, directory / file_name(protein))
+        _save(result, directory / file_path(protein))
 
 
 def run(args: argparse.Namespace, stream: TextIO | None = None) -> int:
@@ -187,7 +199,7 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> int:
     with _opened(args.out) as f:
         ids = f["ids"]
         _prepared(args.fair_esm_dir)
-        _check_file_names(args.out, ids, args.fair_esm_dir)
+        _check_file_paths(args.out, ids, args.fair_esm_dir)
         stored = _stored(f)
         progress = _Progress(len(ids), _total_residues(f["lengths"]), args.progress_seconds,
                              stream or sys.stderr)
@@ -195,8 +207,9 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> int:
             try:
                 _export_slice(f, stored, start, block, args.fair_esm_dir)
             except OSError as err:
-                raise JobError(f"--fair-esm-dir {args.fair_esm_dir}: cannot write ({err.strerror or err}) after "
-                               f"{start} of {len(ids)} proteins; free space and rerun the export") from None
+                raise JobError(f"--fair-esm-dir {args.fair_esm_dir}: cannot write {err.filename or 'a file'} "
+                               f"({err.strerror or err}) after {start} of {len(ids)} proteins; fix that (e.g. free "
+                               f"space) and rerun the export") from None
             progress.advance(len(block), int(f["lengths"][start : start + len(block)].sum()))
         progress.finish()
         return len(ids)

@@ -78,7 +78,7 @@ def fair_esm_extract(model_path, fasta, output_dir, repr_layers, include, trunca
                      toks_per_batch=4096) -> None:
     """fair-esm's scripts/extract.py (its `run`, on the CPU): FastaBatchedDataset and its batches, the batch
     converter's truncation, the model's forward, and one `torch.save` of its dict per record, named
-    `output_dir / f"{label}.pt"` with `label` the whole header line."""
+    `output_dir / f"{label}.pt"` with `label` the whole header line (a `/` in it makes a subdirectory)."""
     from esm.data import FastaBatchedDataset
 
     model, alphabet = load_fair_esm(model_path)
@@ -103,4 +103,6 @@ def fair_esm_extract(model_path, fasta, output_dir, repr_layers, include, trunca
                                                       for layer, t in representations.items()}
                 if "bos" in include:
                     result["bos_representations"] = {layer: t[i, 0].clone() for layer, t in representations.items()}
-                torch.save(result, output_dir / f"{label}.pt")
+                output_file = output_dir / f"{label}.pt"
+                output_file.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(result, output_file)

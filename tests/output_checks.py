@@ -32,11 +32,11 @@ def read_all(out: Path) -> tuple[dict, dict]:
 
 
 def assert_same_as_fair_esms_files(ours: Path, theirs: Path, layers: list[int]) -> None:
-    """The `.pt` files in `ours` are those fair-esm's extract wrote in `theirs`: the same names, dicts with
+    """The `.pt` files in `ours` are those fair-esm's extract wrote in `theirs`: the same paths, dicts with
     the same keys in the same order, the same label, `layers` as keys, float32 CPU tensors of the same
     shape and values (within 1e-5), each holding only its own values (as fair-esm's clones do)."""
-    names = sorted(p.name for p in theirs.iterdir())
-    assert sorted(p.name for p in ours.iterdir()) == names
+    names = sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*.pt"))
+    assert sorted(str(p.relative_to(ours)) for p in ours.rglob("*") if p.is_file()) == names
     for name in names:
         got, expected = (torch.load(where / name, weights_only=True) for where in (ours, theirs))
         assert list(got) == list(expected)

@@ -78,28 +78,42 @@ def test_progress_lines_count_the_proteins_exported(tmp_path, tiny_model_path, m
     assert f"{residues.sum()}/{residues.sum()} residues (100%)" in lines[-1]
 
 
-def test_a_label_is_the_id_and_a_slash_or_percent_is_encoded_in_the_file_name(tmp_path, tiny_model_path, capsys):
+def test_a_slash_in_an_id_makes_a_subdirectory_as_in_fair_esms_extract(tmp_path, tiny_model_path, capsys):
     records = [("read7/1", "MKVLAAGGSW"), ("read7/2", "MKKLLPPQ"), ("50%id", "MVVSTRE"), ("plain", "MKT")]
-    fasta = _fasta(tmp_path / "in.fasta", records, description=" a description fair-esm would keep in its label")
+    fasta = _fasta(tmp_path / "in.fasta", records)
+    out = _embedded(tmp_path, tiny_model_path, fasta, *ALL_OUTPUTS)
+    assert _export(capsys, out, tmp_path / "ours")[0] == 0
+    assert sorted(os.listdir(tmp_path / "ours")) == ["50%id.pt", "plain.pt", "read7"]
+    fair_esm_extract(tiny_model_path, fasta, tmp_path / "fair_esm", [-1], ["mean", "bos", "per_tok"])
+    assert_same_as_fair_esms_files(tmp_path / "ours", tmp_path / "fair_esm", layers=[2])
+
+
+def test_the_label_is_the_id_and_float16_values_come_as_float32(tmp_path, tiny_model_path, capsys):
+    records = [("first", "MKVLAAGGSW"), ("second", "MKKLLPPQ")]
+    fasta = _fasta(tmp_path / "in.fasta", records, description=" a description fair-esm's label would keep")
     out = _embedded(tmp_path, tiny_model_path, fasta, "--storage-dtype", "float16")
     assert _export(capsys, out, tmp_path / "pt")[0] == 0
-    assert sorted(os.listdir(tmp_path / "pt")) == ["50%25id.pt", "plain.pt", "read7%2F1.pt", "read7%2F2.pt"]
     with h5py.File(out) as f:
         stored = f["mean/layer_2"][:]
     for row, (rid, _) in enumerate(records):
-        result = torch.load(tmp_path / "pt" / export.file_name(rid), weights_only=True)
-        assert result["label"] == rid
+        result = torch.load(tmp_path / "pt" / f"{rid}.pt", weights_only=True)
+        assert list(result) == ["label", "mean_representations"] and result["label"] == rid
         values = result["mean_representations"][2]
-        assert values.dtype == torch.float32  # float16 in the file, float32 as fair-esm's
+        assert values.dtype == torch.float32
         np.testing.assert_array_equal(values.numpy(), stored[row].astype(np.float32))
 
 
-def test_an_id_too_long_for_a_file_name_is_refused_before_anything_is_written(tmp_path, tiny_model_path, capsys):
-    long_id = "p" * 253
-    out = _embedded(tmp_path, tiny_model_path, _fasta(tmp_path / "in.fasta", [("short", "MKV"), (long_id, "MKT")]))
-    _assert_refused(_export(capsys, out, tmp_path / "pt"),
-                    f"{out}: row 2 ({long_id[:40]}...): the id is too long to name a file (at most 252 bytes); "
-                    f"nothing exported")
+@pytest.mark.parametrize("bad_id, problem", [
+    ("../escaped", "the id would name a file outside --fair-esm-dir (a part between slashes is empty, '.' or '..')"),
+    ("/etc/x", "the id would name a file outside --fair-esm-dir (a part between slashes is empty, '.' or '..')"),
+    ("a//b", "the id would name a file outside --fair-esm-dir (a part between slashes is empty, '.' or '..')"),
+    ("p" * 253, "the id is too long to name a file (at most 252 bytes between slashes)")])
+def test_an_id_that_cannot_name_a_file_in_the_directory_is_refused_before_anything_is_written(
+        tmp_path, tiny_model_path, capsys, bad_id, problem):
+    fasta = _fasta(tmp_path / "in.fasta", [("fine", "MKV"), (bad_id, "MKT")])
+    out = _embedded(tmp_path, tiny_model_path, fasta)
+    shown = bad_id if len(bad_id) <= 60 else f"{bad_id[:60]}..."
+    _assert_refused(_export(capsys, out, tmp_path / "pt"), f"{out}: row 2 ({shown}): {problem}; nothing exported")
     assert os.listdir(tmp_path / "pt") == []
 
 
