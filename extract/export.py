@@ -91,7 +91,7 @@ def _file_path_problem(protein: str, longest: int) -> str | None:
     if any(part in ("", ".", "..") for part in parts):
         return "the id would name a file outside --fair-esm-dir (a part between slashes is empty, '.' or '..')"
     if max(len(os.fsencode(part)) for part in parts) > longest:
-        return f"the id is too long to name a file (at most {longest - len(SUFFIX)} bytes between slashes)"
+        return f"the id is too long to name a file (at most {longest} bytes between slashes, {SUFFIX} included)"
     return None
 
 

@@ -107,7 +107,7 @@ def test_the_label_is_the_id_and_float16_values_come_as_float32(tmp_path, tiny_m
     ("../escaped", "the id would name a file outside --fair-esm-dir (a part between slashes is empty, '.' or '..')"),
     ("/etc/x", "the id would name a file outside --fair-esm-dir (a part between slashes is empty, '.' or '..')"),
     ("a//b", "the id would name a file outside --fair-esm-dir (a part between slashes is empty, '.' or '..')"),
-    ("p" * 253, "the id is too long to name a file (at most 252 bytes between slashes)")])
+    ("p" * 253, "the id is too long to name a file (at most 255 bytes between slashes, .pt included)")])
 def test_an_id_that_cannot_name_a_file_in_the_directory_is_refused_before_anything_is_written(
         tmp_path, tiny_model_path, capsys, bad_id, problem):
     fasta = _fasta(tmp_path / "in.fasta", [("fine", "MKV"), (bad_id, "MKT")])
@@ -144,3 +144,9 @@ def test_a_directory_that_is_a_file_is_refused(tmp_path, tiny_model_path, capsys
     (tmp_path / "taken").write_text("")
     _assert_refused(_export(capsys, out, tmp_path / "taken"),
                     f"--fair-esm-dir {tmp_path / 'taken'}: exists and is not a directory")
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan"])
+def test_a_progress_interval_that_is_no_positive_number_is_refused(tmp_path, capsys, seconds):
+    _assert_refused(_export(capsys, tmp_path / "out.h5", tmp_path / "pt", "--progress-seconds", seconds),
+                    f"--progress-seconds {float(seconds)}: give a positive number of seconds")
