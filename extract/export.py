@@ -15,6 +15,7 @@ file of the same name is replaced, each one atomically. Refuses an output whose 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -124,11 +125,15 @@ def _tensor(values: np.ndarray) -> torch.Tensor:
 
 
 def _save(result: dict, target: Path) -> None:
-    """Under a temporary name, then renamed: an interrupted export leaves no truncated `.pt`."""
+    """Under a temporary name, then renamed: an interrupted export leaves no truncated `.pt`. Serialised in
+    memory first, so that a full disk is an OSError of the write (torch.save's own writer raises
+    RuntimeError)."""
+    serialised = io.BytesIO()
+    torch.save(result, serialised)
     partial = target.with_name(target.name + ".partial")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(result, partial)
+        with open(partial, "wb") as out:
+            out.write(serialised.getbuffer())
         os.replace(partial, target)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -188,7 +193,14 @@ def _export_slice(f: h5py.File, stored: dict[str, list[int]], start: int, block:
             else:
                 values = {layer: _tensor(pooled[group][layer][i]) for layer in layers}
             result[FAIR_ESM_KEYS[group]] = values
-        _save(result, directory / file_path(protein))
+        target = directory / file_path(protein)
+        try:
+            if "/" in protein:  # as fair-esm's extract, which makes the label's parent directories
+                target.parent.mkdir(parents=True, exist_ok=True)
+            _save(result, target)
+        except OSError as err:
+            raise JobError(f"{target}: cannot write it ({err.strerror or err}); the {start + i} files before it are "
+                           f"complete; rerun the export once that is fixed") from None
 
 
 def run(args: argparse.Namespace, stream: TextIO | None = None) -> int:
@@ -204,12 +216,7 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> int:
         progress = _Progress(len(ids), _total_residues(f["lengths"]), args.progress_seconds,
                              stream or sys.stderr)
         for start, block in _id_slices(ids):
-            try:
-                _export_slice(f, stored, start, block, args.fair_esm_dir)
-            except OSError as err:
-                raise JobError(f"--fair-esm-dir {args.fair_esm_dir}: cannot write {err.filename or 'a file'} "
-                               f"({err.strerror or err}) after {start} of {len(ids)} proteins; fix that (e.g. free "
-                               f"space) and rerun the export") from None
+            _export_slice(f, stored, start, block, args.fair_esm_dir)
             progress.advance(len(block), int(f["lengths"][start : start + len(block)].sum()))
         progress.finish()
         return len(ids)

@@ -150,3 +150,17 @@ def test_a_directory_that_is_a_file_is_refused(tmp_path, tiny_model_path, capsys
 def test_a_progress_interval_that_is_no_positive_number_is_refused(tmp_path, capsys, seconds):
     _assert_refused(_export(capsys, tmp_path / "out.h5", tmp_path / "pt", "--progress-seconds", seconds),
                     f"--progress-seconds {float(seconds)}: give a positive number of seconds")
+
+
+def test_a_full_disk_stops_the_export_in_one_line_and_leaves_only_whole_files(tmp_path, tiny_model_path, capsys,
+                                                                              small_file_system):
+    fasta = _fasta(tmp_path / "in.fasta", random_proteins(12, min_len=280, max_len=300))
+    out = _embedded(tmp_path, tiny_model_path, fasta, "--include", "per_tok", "--repr-layers", "0", "1", "2")
+    code, printed = _export(capsys, out, small_file_system)  # 12 files of about 220 KiB; 1 MiB holds 4
+    written = sorted(small_file_system.iterdir())
+    assert code == 1 and 0 < len(written) < 12
+    assert printed.err == (f"export: error: {small_file_system / 'prot0_'}{len(written)}.pt: cannot write it (No space "
+                           f"left on device); the {len(written)} files before it are complete; rerun the export once "
+                           f"that is fixed\n")
+    for path in written:  # no partial file: each one whole
+        assert torch.load(path, weights_only=True)["representations"][2].shape[1] == 64
