@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -37,8 +38,47 @@ from extract.runtime.identity import RankIdentity, rank_logger  # noqa: E402
 REPORTED_PACKAGES = ("torch", "fair-esm", "h5py", "numpy", "biopython")
 
 
+# fair-esm extract's spellings of our options, accepted as the same options
+FAIR_ESM_SPELLINGS = {"--repr_layers": "--repr-layers", "--toks_per_batch": "--toks-per-batch",
+                      "--truncation_seq_length": "--truncation-seq-length", "--nogpu": "--device cpu"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Our options, fair-esm's spellings of them, and one line for fair-esm's positional form."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        argv = sys.argv[1:] if args is None else list(args)
+        if _in_fair_esms_positional_form(argv):
+            self._refuse(f"this is fair-esm's form MODEL FASTA OUTPUT_DIR; esm-features writes one HDF5 file: "
+                         f"{_equivalent_command(argv)}")
+        parsed = super().parse_args(argv, namespace)
+        if parsed.nogpu and parsed.device == "cuda":
+            self._refuse("--nogpu and --device cuda contradict each other; give one of them")
+        if parsed.nogpu:
+            parsed.device = "cpu"
+        del parsed.nogpu
+        return parsed
+
+    def _refuse(self, problem: str) -> None:
+        self.exit(2, f"{self.prog}: error: {problem}\n")
+
+
+def _in_fair_esms_positional_form(argv: list[str]) -> bool:
+    return len(argv) >= 3 and not any(arg.startswith("-") for arg in argv[:3])
+
+
+def _equivalent_command(argv: list[str]) -> str:
+    """Our command for fair-esm's `MODEL FASTA OUTPUT_DIR [options]`, then the export to its .pt files."""
+    model, fasta, output_dir = argv[:3]
+    out = f"{output_dir.rstrip('/') or output_dir}.h5"
+    options = [word for arg in argv[3:] for word in FAIR_ESM_SPELLINGS.get(arg, arg).split()]
+    ours = shlex.join(["esm-features", "--model", model, "--fasta", fasta, "--out", out, *options])
+    export = shlex.join(["esm-features-export", out, "--fair-esm-dir", output_dir])
+    return f"{ours} (then, for fair-esm's .pt files: {export})"
+
+
 def create_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="esm_features", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="esm_features", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
                         help="fair-esm name (e.g. esm2_t33_650M_UR50D), path to a fair-esm .pt, Hugging Face model "
                              "directory or cached hub repo id (facebook/esm2_t33_650M_UR50D[@revision]), "
@@ -47,19 +87,20 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="the HDF5 output file")
     # Given twice, these add up (`--include mean --include bos` stores both); their defaults are set after parsing,
     # because argparse would add to them.
-    parser.add_argument("--repr-layers", type=int, nargs="+", action="extend",
+    parser.add_argument("--repr-layers", "--repr_layers", type=int, nargs="+", action="extend",
                         help="layers to keep; negative counts from the end, 0 is the embeddings (default: -1)")
     parser.add_argument("--include", nargs="+", choices=OUTPUTS, action="extend",
                         help="representations to store: mean over residues, the BOS token, every residue "
                              "(default: mean)")
-    parser.add_argument("--toks-per-batch", default="auto", type=_token_budget,
+    parser.add_argument("--toks-per-batch", "--toks_per_batch", default="auto", type=_token_budget,
                         help="padded tokens per batch, or auto (default)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="compute precision; auto is bf16 on GPUs of compute capability >= 8.0, else fp32")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--nogpu", action="store_true", help="the same as --device cpu (fair-esm's spelling)")
     parser.add_argument("--attention", choices=["fast", "reference"], default="fast",
                         help="fast: our exact SDPA forward (default); reference: fair-esm's own forward, for checking")
-    parser.add_argument("--truncation-seq-length", type=int, default=1022,
+    parser.add_argument("--truncation-seq-length", "--truncation_seq_length", type=int, default=1022,
                         help="residues per model input, as in fair-esm's extract (default: 1022)")
     parser.add_argument("--long-sequences", choices=MODES, default="truncate",
                         help="longer proteins: keep their first --truncation-seq-length residues (truncate, "

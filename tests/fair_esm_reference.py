@@ -72,3 +72,37 @@ def load_fair_esm(path):
         warnings.simplefilter("ignore")
         data = torch.load(path, map_location="cpu", weights_only=False)
         return esm.pretrained.load_model_and_alphabet_core("esm2_test", data)
+
+
+def fair_esm_extract(model_path, fasta, output_dir, repr_layers, include, truncation_seq_length=1022,
+                     toks_per_batch=4096) -> None:
+    """fair-esm's scripts/extract.py (its `run`, on the CPU): FastaBatchedDataset and its batches, the batch
+    converter's truncation, the model's forward, and one `torch.save` of its dict per record, named
+    `output_dir / f"{label}.pt"` with `label` the whole header line (a `/` in it makes a subdirectory)."""
+    from esm.data import FastaBatchedDataset
+
+    model, alphabet = load_fair_esm(model_path)
+    model.eval()
+    dataset = FastaBatchedDataset.from_file(fasta)
+    batches = dataset.get_batch_indices(toks_per_batch, extra_toks_per_seq=1)
+    loader = torch.utils.data.DataLoader(dataset, collate_fn=alphabet.get_batch_converter(truncation_seq_length),
+                                         batch_sampler=batches)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    layers = [(i + model.num_layers + 1) % (model.num_layers + 1) for i in repr_layers]
+    with torch.no_grad():
+        for labels, strs, toks in loader:
+            representations = model(toks, repr_layers=layers)["representations"]
+            for i, label in enumerate(labels):
+                result = {"label": label}
+                truncate_len = min(truncation_seq_length, len(strs[i]))
+                if "per_tok" in include:
+                    result["representations"] = {layer: t[i, 1 : truncate_len + 1].clone()
+                                                 for layer, t in representations.items()}
+                if "mean" in include:
+                    result["mean_representations"] = {layer: t[i, 1 : truncate_len + 1].mean(0).clone()
+                                                      for layer, t in representations.items()}
+                if "bos" in include:
+                    result["bos_representations"] = {layer: t[i, 0].clone() for layer, t in representations.items()}
+                output_file = output_dir / f"{label}.pt"
+                output_file.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(result, output_file)

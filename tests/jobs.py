@@ -65,7 +65,7 @@ def random_proteins(count: int, seed: int = 0, min_len: int = 5, max_len: int = 
 
 
 def phage_sample(phage_dir: Path, count: int, long: int) -> list[tuple[str, str]]:
-    """`count` real tail-fibre proteins, `long` of them longer than ESM-2's 1022-residue window."""
+    """`count` tail-fibre proteins, `long` of them longer than ESM-2's 1022-residue window."""
     with open(phage_dir / "tail_fiber.fasta") as handle:
         records = [(title.split()[0], seq) for title, seq in SimpleFastaParser(handle)]
     longer = [r for r in records if len(r[1]) > 1022][:long]

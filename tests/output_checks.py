@@ -6,6 +6,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from extract.check_output import find_problems
 from extract.data.fasta import read_inputs
@@ -28,3 +29,22 @@ def read_all(out: Path) -> tuple[dict, dict]:
     with h5py.File(out, "r") as f:
         f.visititems(lambda name, item: data.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
         return data, dict(f.attrs)
+
+
+def assert_same_as_fair_esms_files(ours: Path, theirs: Path, layers: list[int]) -> None:
+    """The `.pt` files in `ours` are those fair-esm's extract wrote in `theirs`: the same paths, dicts with
+    the same keys in the same order, the same label, `layers` as keys, float32 CPU tensors of the same
+    shape and values (within 1e-5), each holding only its own values (as fair-esm's clones do)."""
+    names = sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*.pt"))
+    assert sorted(str(p.relative_to(ours)) for p in ours.rglob("*") if p.is_file()) == names
+    for name in names:
+        got, expected = (torch.load(where / name, weights_only=True) for where in (ours, theirs))
+        assert list(got) == list(expected)
+        assert got["label"] == expected["label"]
+        for key in list(expected)[1:]:
+            assert list(got[key]) == list(expected[key]) == layers
+            for layer, values in expected[key].items():
+                tensor = got[key][layer]
+                assert tensor.dtype == torch.float32 and tensor.device.type == "cpu" and tensor.shape == values.shape
+                assert (tensor - values).abs().max() <= 1e-5, (name, key, layer)
+                assert tensor.untyped_storage().nbytes() == 4 * tensor.numel()

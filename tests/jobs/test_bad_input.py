@@ -18,7 +18,7 @@ from fair_esm_reference import fair_esm_means, load_fair_esm
 
 @pytest.fixture(scope="module")
 def records(phage_dir):
-    """Six real minor-capsid proteins, (id, description, sequence)."""
+    """Six minor-capsid proteins, (id, description, sequence)."""
     with open(phage_dir / "minor_capsid.fasta") as handle:
         parsed = [(title.split(maxsplit=1), seq) for title, seq in SimpleFastaParser(handle)][:6]
     return [(words[0], words[1], seq) for words, seq in parsed]
@@ -134,15 +134,16 @@ def test_duplicate_id_within_a_file_names_both_records(tmp_path, tiny_model_path
 
 
 def test_duplicate_id_across_real_files_names_both_locations(tmp_path, tiny_model_path, phage_dir, capsys):
-    def record_number(path, rid):
+    def numbered_ids(path):
         with open(path) as handle:
-            return next(n for n, (title, _) in enumerate(SimpleFastaParser(handle), 1) if title.split()[0] == rid)
+            return {title.split()[0]: n for n, (title, _) in enumerate(SimpleFastaParser(handle), 1)}
 
     first, second = phage_dir / "major_tail.fasta", phage_dir / "tail_fiber.fasta"
-    rid = "YP_009818103.1"
+    in_first, in_second = numbered_ids(first), numbered_ids(second)
+    (rid,) = in_first.keys() & in_second.keys()  # the one protein both files hold
     code, out = _run(tmp_path, tiny_model_path, [first, second])
-    _assert_refused(capsys, code, out, f"{second}: record {record_number(second, rid)} ({rid}): duplicate id, "
-                                       f"first seen at {first}: record {record_number(first, rid)} ({rid})")
+    _assert_refused(capsys, code, out, f"{second}: record {in_second[rid]} ({rid}): duplicate id, "
+                                       f"first seen at {first}: record {in_first[rid]} ({rid})")
 
 
 def test_missing_fasta_is_refused(tmp_path, tiny_model_path, capsys):
