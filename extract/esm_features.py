@@ -32,7 +32,8 @@ from extract.models.pooling import OUTPUTS  # noqa: E402
 from extract.output.hdf5_file import STORAGE_DTYPES  # noqa: E402
 from extract.output.lock import held_by_leader  # noqa: E402
 from extract.runtime import collectives, stopping  # noqa: E402
-from extract.runtime.device import DTYPES, choose_device, choose_dtype, current_device  # noqa: E402
+from extract.runtime.device import (DTYPES, DtypeChoice, agreed_dtype, choose_device, choose_dtype,  # noqa: E402
+                                   current_device)
 from extract.runtime.identity import RankIdentity, rank_logger  # noqa: E402
 
 REPORTED_PACKAGES = ("torch", "fair-esm", "h5py", "numpy", "biopython")
@@ -95,7 +96,8 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--toks-per-batch", "--toks_per_batch", default="auto", type=_token_budget,
                         help="padded tokens per batch, or auto (default)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                        help="compute precision; auto is bf16 on GPUs of compute capability >= 8.0, else fp32")
+                        help="compute precision; auto is bf16 on GPUs of compute capability >= 8.0 and on CPUs with "
+                             "AMX, else fp32")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--nogpu", action="store_true", help="the same as --device cpu (fair-esm's spelling)")
     parser.add_argument("--attention", choices=["fast", "reference"], default="fast",
@@ -149,16 +151,18 @@ def _positive_int(text: str) -> int:
 
 
 def _embedder(args: argparse.Namespace, loaded: LoadedModel, long_sequences: LongSequencePolicy,
-              placed_on: torch.device, dtype: torch.dtype) -> Esm2Embedder:
+              placed_on: torch.device, dtype: DtypeChoice) -> Esm2Embedder:
     """ESM-2 as this job runs it; `placed_on` is where `load_model` put its weights (meta: none)."""
-    return Esm2Embedder(loaded, placed_on, dtype, args.repr_layers, long_sequences, args.include, args.attention)
+    return Esm2Embedder(loaded, placed_on, dtype.dtype, args.repr_layers, long_sequences, args.include, args.attention,
+                        dtype_reason=dtype.reason)
 
 
 def _job_settings(args: argparse.Namespace, argv: list[str], embedder: Esm2Embedder) -> JobSettings:
     # Every rank plans alike: an automatic budget is the smallest any rank's free memory allows.
     budget = min(collectives.gather(embedder.auto_token_budget())) if args.toks_per_batch == "auto" \
         else args.toks_per_batch
-    context = {"arguments": argv, "versions": run_report.package_versions(REPORTED_PACKAGES)}
+    context = {"arguments": argv, "versions": run_report.package_versions(REPORTED_PACKAGES),
+               "compute_dtype_reason": embedder.dtype_reason}
     return JobSettings(args.out, budget, args.overwrite, args.progress_seconds, args.storage_dtype, args.report,
                        context, args.dedupe)
 
@@ -181,8 +185,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
             held_by_leader(identity, args.out, log):
         # The model first: it loads in moments (memory-mapped), while reading millions of proteins takes
         # minutes that a bad --model should not cost.
-        dtype = choose_dtype(args.dtype, device)
-        loaded = load_model(args.model, lambda: collectives.local_leader_first(identity), device, dtype)
+        dtype = agreed_dtype(collectives.gather(choose_dtype(args.dtype, device)))
+        loaded = load_model(args.model, lambda: collectives.local_leader_first(identity), device, dtype.dtype)
         # The fingerprint tells apart checkpoints of one name by their contents: rank 0 hashes the files.
         sha256 = collectives.leader_decides(identity, lambda: checkpoint_sha256(loaded))
         loaded = dataclasses.replace(loaded, sha256=sha256)
@@ -224,7 +228,7 @@ def _dry_run(args: argparse.Namespace, argv: list[str], long_sequences: LongSequ
     saved = input_index.saved_if_current(args.fasta, input_index.directory_for(args.out))
     inputs = saved or input_index.build(args.fasta, None)
     dtype = choose_dtype(args.dtype, device)
-    loaded = load_model(args.model, device=torch.device("meta"), dtype=dtype)
+    loaded = load_model(args.model, device=torch.device("meta"), dtype=dtype.dtype)
     loaded = dataclasses.replace(loaded, sha256=checkpoint_sha256(loaded))
     embedder = _embedder(args, loaded, long_sequences, torch.device("meta"), dtype)
     lines = dry_run.describe(inputs, embedder, _job_settings(args, argv, embedder), world_size)

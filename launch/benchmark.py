@@ -1,21 +1,28 @@
-"""Benchmark: fair-esm's extract workflow against esm-features, side by side, on the same input and weights.
+"""Benchmark: esm-features against fair-esm's extract workflow and its peers, side by side, on the same input
+and weights.
 
     python launch/benchmark.py --model random:esm2_t12_35M_UR50D --fasta F.fasta --limit 300 --threads 2
 
-Each round runs both as whole processes, alternating (fair-esm first, then ours), so that a shared,
-noisy machine slows both alike; the table gives medians and the ratio, and the last line how far our
-mean embeddings are from fair-esm's (max abs difference, lowest cosine over the proteins). fair-esm's
-side is its extract script's workflow driven through its library API: FastaBatchedDataset,
-get_batch_indices, its batch converter, its model's forward, a mean per protein saved with torch.save. `--fair-esm-autocast` runs that
-forward under bf16 autocast (the seed plan's approach). On a GPU the table adds tokens/s and the
-achieved TFLOP/s against the device's measured bf16 matrix peak.
+Each round runs every tool as a whole process, in turn (fair-esm, ours, then the peers), so that a shared,
+noisy machine slows them alike. Each row gives a tool's medians, its speed against fair-esm's
+(`x_fair_esm`: whole processes; `x_fair_esm_compute`: their batches alone), ours against it (`ours_x`), and
+how far its mean embeddings are from those fair-esm saved (max abs difference, lowest cosine over the
+proteins). fair-esm's side is its extract script's workflow driven through its library API:
+FastaBatchedDataset, get_batch_indices, its batch converter, its model's forward, a mean per protein saved
+with torch.save. `--fair-esm-autocast` runs that forward under bf16 autocast (the seed plan's approach).
+The peers (launch/benchmark_peers.py; optional, `pip install -e '.[bench]'`, each skipped with a line where
+it is not installed): transformers' EsmModel with SDPA in our dtype, esm.cpp in fp32 and in int8 (CPU only).
+On a GPU the table adds tokens/s and the achieved TFLOP/s against the device's measured bf16 matrix peak.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -33,24 +40,31 @@ import torch  # noqa: E402
 from extract.data.fasta import read_inputs  # noqa: E402
 from extract.models.esm2.checkpoints import RANDOM_PREFIX, fair_esm_checkpoint, load_model  # noqa: E402
 from extract.reading import Embeddings  # noqa: E402
+from extract.runtime.device import CPUINFO, choose_dtype, cpu_capabilities, dtype_name  # noqa: E402
+from launch import benchmark_peers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+FAIR_ESM, OURS = "fair-esm", "esm-features"
 
 
 def create_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="random:<fair-esm name> or a fair-esm .pt")
+    parser.add_argument("--model", help="random:<fair-esm name> or a fair-esm .pt")
     parser.add_argument("--fasta", required=True, type=Path)
     parser.add_argument("--limit", type=int, default=None, help="the first N proteins only")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each process")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="our compute dtype")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="our compute dtype, and transformers' (auto: as the job picks it)")
+    parser.add_argument("--peers", nargs="*", choices=list(benchmark_peers.PEERS), default=list(benchmark_peers.PEERS),
+                        help="the peers to run besides fair-esm and ours (default: all; none: --peers alone)")
     parser.add_argument("--fair-esm-autocast", action="store_true", help="fair-esm under bf16 autocast")
-    parser.add_argument("--toks-per-batch", type=int, default=4096, help="both tools' token budget")
+    parser.add_argument("--toks-per-batch", type=int, default=4096, help="every tool's token budget")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
-    parser.add_argument("--fair-esm-worker", nargs=2, metavar=("MODEL_PT", "FASTA"), help=argparse.SUPPRESS)
-    parser.add_argument("--fair-esm-out", type=Path, help=argparse.SUPPRESS)
+    # fair-esm's worker process (the peers' is launch/benchmark_peers.py).
+    parser.add_argument("--fair-esm-worker", type=Path, metavar="MODEL_PT", help=argparse.SUPPRESS)
+    parser.add_argument("--out-dir", type=Path, help=argparse.SUPPRESS)
     return parser
 
 
@@ -62,11 +76,10 @@ def fair_esm_extract(args: argparse.Namespace) -> dict:
     import esm
     from esm.data import FastaBatchedDataset
 
-    model_path, fasta = args.fair_esm_worker
-    data = torch.load(model_path, map_location="cpu", weights_only=False)
+    data = torch.load(args.fair_esm_worker, map_location="cpu", weights_only=False)
     model, alphabet = esm.pretrained.load_model_and_alphabet_core("esm2", data)
     model = model.eval().to(args.device)
-    dataset = FastaBatchedDataset.from_file(fasta)
+    dataset = FastaBatchedDataset.from_file(args.fasta)
     batches = dataset.get_batch_indices(args.toks_per_batch, extra_toks_per_seq=1)
     loader = torch.utils.data.DataLoader(dataset, collate_fn=alphabet.get_batch_converter(1022),
                                          batch_sampler=batches)
@@ -83,7 +96,7 @@ def fair_esm_extract(args: argparse.Namespace) -> dict:
                 residues += length
                 mean = reps[i, 1 : length + 1].mean(0).clone()
                 torch.save({"label": label, "mean_representations": {layer: mean}},
-                           args.fair_esm_out / f"{label.split()[0]}.pt")
+                           args.out_dir / f"{label.split()[0]}.pt")
     if args.device == "cuda":
         torch.cuda.synchronize()
     return {"residues": residues, "tokens": padded, "seconds": time.perf_counter() - started,
@@ -96,7 +109,7 @@ def fair_esm_extract(args: argparse.Namespace) -> dict:
 
 def prepare(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, dict]:
     """One checkpoint file in fair-esm's layout (kept in `workdir` for the next run: random weights are
-    seeded, so it is the same file every time) and one FASTA both tools read."""
+    seeded, so it is the same file every time) and one FASTA every tool reads."""
     shape_only = load_model(args.model, device=torch.device("meta"))
     model, model_path = shape_only.model, workdir / f"{shape_only.name}.pt"
     if not model_path.exists():
@@ -114,22 +127,60 @@ def prepare(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, dict]:
     return model_path, fasta, shape
 
 
+def runnable_peers(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
+    """The peers asked for that can run here, and a line for each of the others saying why not."""
+    runnable, skipped = [], []
+    for peer in args.peers:
+        reason = benchmark_peers.missing_module(peer)
+        if reason is None and peer.startswith("esm-cpp") and args.device != "cpu":
+            reason = "esm.cpp runs on the CPU only"
+        if reason is None:
+            runnable.append(peer)
+        else:
+            skipped.append({"tool": peer, "skipped": reason})
+    return runnable, skipped
+
+
+def peer_inputs(peers: list[str], model_path: Path, fasta: Path, toks_per_batch: int, workdir: Path,
+                dtype: str) -> dict:
+    """Per peer, its options: the weights it loads (converted from the fair-esm checkpoint, once per
+    checkpoint), and for transformers our dtype and the batches fair-esm's planner makes of the FASTA."""
+    if not peers:
+        return {}
+    from esm.data import FastaBatchedDataset
+
+    loaded = load_model(str(model_path))
+    converted = workdir / f"{model_path.stem}_converted"
+    weights = {"transformers": converted / "hugging_face", "esm-cpp": converted / "esm_cpp.safetensors"}
+    if "transformers" in peers and not weights["transformers"].exists():
+        benchmark_peers.save_hugging_face(loaded.model, loaded.alphabet, weights["transformers"])
+    if any(peer.startswith("esm-cpp") for peer in peers) and not weights["esm-cpp"].exists():
+        converted.mkdir(exist_ok=True)
+        benchmark_peers.save_esm_cpp(loaded.model, weights["esm-cpp"])
+    batches = workdir / "batches.json"
+    batches.write_text(json.dumps(FastaBatchedDataset.from_file(fasta).get_batch_indices(toks_per_batch, 1)))
+    return {peer: ["--weights", str(weights[peer.removesuffix("-int8")])]
+            + (["--batches", str(batches), "--dtype", dtype] if peer == "transformers" else []) for peer in peers}
+
+
 def whole_process(command: list[str], threads: int) -> tuple[float, str]:
     """Wall seconds and stdout of a whole process, imports and model loading included."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "ESM_NUM_THREADS": str(threads)}  # esm.cpp's thread pool
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        raise SystemExit(f"benchmark: {' '.join(command[:3])} ... failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"benchmark: {' '.join(command[:5])} ... failed:\n{done.stderr[-3000:]}")
     return seconds, done.stdout
 
 
-def run_fair_esm(args: argparse.Namespace, model_path: Path, fasta: Path, workdir: Path) -> dict:
+def run_worker(tool: str, args: argparse.Namespace, fasta: Path, workdir: Path, options: list[str]) -> dict:
+    """fair-esm's or a peer's run, whose process prints its figures as its last line."""
     out = Path(tempfile.mkdtemp(dir=workdir))
-    command = [sys.executable, __file__, "--model", args.model, "--fasta", str(fasta), "--device", args.device,
-               "--toks-per-batch", str(args.toks_per_batch), "--fair-esm-worker", str(model_path), str(fasta),
-               "--fair-esm-out", str(out)] + (["--fair-esm-autocast"] if args.fair_esm_autocast else [])
+    script = [__file__] if tool == FAIR_ESM else [benchmark_peers.__file__, tool]
+    command = [sys.executable, *script, "--fasta", str(fasta), "--out-dir", str(out), "--device", args.device,
+               *options]
     seconds, stdout = whole_process(command, args.threads)
     return {"process_seconds": seconds, "out": out, **json.loads(stdout.strip().splitlines()[-1])}
 
@@ -151,14 +202,21 @@ def run_ours(args: argparse.Namespace, model_path: Path, fasta: Path, workdir: P
             "peak_device_bytes": total["peak_device_bytes"]}
 
 
-def agreement(fair_esm_out: Path, ours: Path, layer: int) -> dict:
-    """How far our means are from fair-esm's saved ones, protein by protein."""
-    with Embeddings(ours) as embeddings:
-        ids, means = embeddings.ids, embeddings.in_input_order(layer)
-    theirs = np.stack([torch.load(fair_esm_out / f"{protein}.pt")["mean_representations"][layer].float().numpy()
-                       for protein in ids])
-    cosine = (means * theirs).sum(1) / (np.linalg.norm(means, axis=1) * np.linalg.norm(theirs, axis=1))
-    return {"proteins": len(ids), "max_abs_diff": float(np.abs(means - theirs).max()),
+def mean_embeddings(tool: str, run: dict, ids: list[str], layer: int) -> np.ndarray:
+    """A run's mean embeddings of the last layer, in input order."""
+    if tool == FAIR_ESM:
+        return np.stack([torch.load(run["out"] / f"{protein}.pt")["mean_representations"][layer].float().numpy()
+                         for protein in ids])
+    if tool == OURS:
+        with Embeddings(run["out"]) as embeddings:
+            return embeddings.by_id(ids, layer)
+    return np.load(run["out"] / "means.npy")
+
+
+def agreement(means: np.ndarray, reference: np.ndarray) -> dict:
+    """How far `means` are from fair-esm's, protein by protein."""
+    cosine = (means * reference).sum(1) / (np.linalg.norm(means, axis=1) * np.linalg.norm(reference, axis=1))
+    return {"proteins": len(means), "max_abs_diff": float(np.abs(means - reference).max()),
             "min_cosine": float(cosine.min())}
 
 
@@ -192,6 +250,17 @@ def measured_bf16_peak(device: str, trials: int = 5, trial_seconds: float = 0.5)
     return 2 * size**3 * repeats / min(timed(repeats) for _ in range(trials))
 
 
+def tool_name(tool: str, args: argparse.Namespace, dtype: str) -> str:
+    if tool == FAIR_ESM:
+        return "fair-esm extract" + (" (bf16 autocast)" if args.fair_esm_autocast else " (fp32)")
+    if tool == OURS:
+        return f"esm-features ({dtype})"
+    if tool == "transformers":
+        return f"transformers {importlib.metadata.version('transformers')} EsmModel, SDPA ({dtype})"
+    version = importlib.metadata.version("esm-cpp")
+    return f"esm.cpp {version} (int8, quantize_weights)" if tool == "esm-cpp-int8" else f"esm.cpp {version} (fp32)"
+
+
 def _row(name: str, runs: list[dict], shape: dict, peak: float | None) -> dict:
     process = statistics.median(r["process_seconds"] for r in runs)
     compute = statistics.median(r["seconds"] for r in runs)
@@ -209,27 +278,54 @@ def _row(name: str, runs: list[dict], shape: dict, peak: float | None) -> dict:
     return row
 
 
+def machine() -> dict:
+    """The CPU (model name, and the flags that decide bf16's speed), torch's version and the date."""
+    capabilities, _ = cpu_capabilities()
+    try:
+        model_name = re.search(r"^model name\s*:\s*(.*)$", CPUINFO.read_text(), re.MULTILINE)
+    except OSError:
+        model_name = None
+    return {"cpu": model_name.group(1) if model_name else "unknown", "cores": os.cpu_count(),
+            **{flag: bool((capabilities or {}).get(flag)) for flag in ("avx512_bf16", "amx_tile", "amx_bf16")},
+            "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")}
+
+
 def benchmark(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="esm_features_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
+    choice = choose_dtype(args.dtype, torch.device(args.device))
+    dtype = dtype_name(choice.dtype)
     model_path, fasta, shape = prepare(args, workdir)
+    peers, skipped = runnable_peers(args)
+    autocast = ["--fair-esm-autocast"] if args.fair_esm_autocast else []
+    options = {FAIR_ESM: ["--fair-esm-worker", str(model_path), "--toks-per-batch", str(args.toks_per_batch),
+                          "--threads", str(args.threads), *autocast],
+               **peer_inputs(peers, model_path, fasta, args.toks_per_batch, workdir, dtype)}
     peak = measured_bf16_peak(args.device) if args.device == "cuda" else None
-    fair, ours = [], []
+    tools = [FAIR_ESM, OURS, *peers]
+    runs = {tool: [] for tool in tools}
     for _ in range(args.rounds):
-        fair.append(run_fair_esm(args, model_path, fasta, workdir))
-        ours.append(run_ours(args, model_path, fasta, workdir))
-    fair_name = "fair-esm extract" + (" (bf16 autocast)" if args.fair_esm_autocast else " (fp32)")
-    rows = [_row(fair_name, fair, shape, peak), _row(f"esm-features ({args.dtype})", ours, shape, peak)]
-    rows[1]["speedup_process"] = round(rows[0]["process_s"] / rows[1]["process_s"], 2)
-    rows[1]["speedup_compute"] = round(rows[0]["compute_s"] / rows[1]["compute_s"], 2)
+        for tool in tools:
+            runs[tool].append(run_ours(args, model_path, fasta, workdir) if tool == OURS else
+                              run_worker(tool, args, fasta, workdir, options[tool]))
+    ids = read_inputs([fasta]).ids
+    reference = mean_embeddings(FAIR_ESM, runs[FAIR_ESM][-1], ids, shape["layers"])
+    rows = {tool: _row(tool_name(tool, args, dtype), runs[tool], shape, peak) for tool in tools}
+    for tool, row in rows.items():
+        row["x_fair_esm"] = round(rows[FAIR_ESM]["process_s"] / row["process_s"], 2)
+        row["x_fair_esm_compute"] = round(rows[FAIR_ESM]["compute_s"] / row["compute_s"], 2)
+        row["ours_x"] = round(row["process_s"] / rows[OURS]["process_s"], 2)
+        if tool != FAIR_ESM:
+            row["agreement_with_fair_esm"] = agreement(mean_embeddings(tool, runs[tool][-1], ids, shape["layers"]),
+                                                       reference)
     print(json.dumps({"model": shape, "device": args.device, "threads": args.threads, "rounds": args.rounds,
-                      "toks_per_batch": args.toks_per_batch,
-                      "bf16_peak_TFLOP_per_s": round(peak / 1e12, 1) if peak else None}))
-    for row in rows:
-        print(json.dumps(row))
-    print(json.dumps({"agreement_with_fair_esm": agreement(fair[-1]["out"], ours[-1]["out"], shape["layers"])}))
-    return rows
+                      "toks_per_batch": args.toks_per_batch, "dtype": dtype, "dtype_reason": choice.reason,
+                      "machine": machine(), "bf16_peak_TFLOP_per_s": round(peak / 1e12, 1) if peak else None}))
+    for line in [*skipped, *rows.values()]:
+        print(json.dumps(line))
+    return list(rows.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         print(json.dumps(fair_esm_extract(args)))
         return 0
+    if args.model is None:
+        create_parser().error("--model is required")
     benchmark(args)
     return 0
 

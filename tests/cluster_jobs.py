@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from extract.output.hdf5_file import DoneFlags
-from jobs import REPO, clean_env
+from jobs import FP32, REPO, clean_env
 
 # Small batches, so that even 16 short proteins take several; progress reports every 50 ms.
-SMALL_JOB_FLAGS = ("--include", "mean", "per_tok", "--toks-per-batch", "500", "--progress-seconds", "0.05")
+SMALL_JOB_FLAGS = ("--include", "mean", "per_tok", "--toks-per-batch", "500", "--progress-seconds", "0.05", *FP32)
 FAKE_SLURM = Path(__file__).resolve().parent / "fake_slurm"
 LOCAL_LAUNCHER = REPO / "launch" / "local.sh"
 

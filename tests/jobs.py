@@ -13,6 +13,9 @@ from Bio.SeqIO.FastaIO import SimpleFastaParser
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "extract" / "esm_features.py"
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+# Tests compare jobs with fair-esm's fp32 forward: they run in fp32 unless they name a --dtype (a later --dtype
+# overrides this one), as `auto` is bf16 on CPUs with AMX.
+FP32 = ("--dtype", "fp32")
 
 
 def clean_env() -> dict:
@@ -24,8 +27,9 @@ def clean_env() -> dict:
 
 
 def extract_command(args: list, nproc: int | None = None) -> list[str]:
-    """`python extract/esm_features.py ARGS`, or under `torchrun --standalone` with `nproc` ranks."""
-    args = [str(a) for a in args]
+    """`python extract/esm_features.py ARGS`, or under `torchrun --standalone` with `nproc` ranks (in fp32
+    unless ARGS name a --dtype)."""
+    args = [*FP32, *(str(a) for a in args)]
     if nproc is None:
         return [sys.executable, str(SCRIPT), *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -11,6 +15,7 @@ from extract.errors import UserError
 from extract.runtime.identity import RankIdentity
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def choose_device(requested: str, identity: RankIdentity) -> torch.device:
@@ -30,13 +35,67 @@ def current_device(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on GPUs of compute capability 8.0 or newer, fp32 everywhere else."""
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The compute dtype and why it was chosen (the log and the run report say both)."""
+
+    dtype: torch.dtype
+    reason: str
+
+
+def choose_dtype(requested: str, device: torch.device) -> DtypeChoice:
+    """`auto`: bf16 on GPUs of compute capability 8.0 or newer and on CPUs with bf16 matrix units (AMX),
+    fp32 everywhere else."""
     if requested != "auto":
-        return DTYPES[requested]
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
-        return torch.bfloat16
-    return torch.float32
+        return DtypeChoice(DTYPES[requested], f"--dtype {requested} as requested")
+    if device.type == "cuda":
+        return auto_gpu_dtype(torch.cuda.get_device_capability(device))
+    return auto_cpu_dtype(*cpu_capabilities())
+
+
+def auto_gpu_dtype(capability: tuple[int, int]) -> DtypeChoice:
+    version = ".".join(map(str, capability))
+    if capability >= (8, 0):
+        return DtypeChoice(torch.bfloat16, f"auto: a GPU of compute capability {version} (8.0 or newer: fast bf16)")
+    return DtypeChoice(torch.float32, f"auto: a GPU of compute capability {version} (bf16 needs 8.0 or newer)")
+
+
+def auto_cpu_dtype(capabilities: Mapping[str, object] | None, source: str) -> DtypeChoice:
+    """bf16 where the CPU reports AMX tiles with bf16 (`amx_tile` and `amx_bf16`, as torch's and Linux's
+    flags name them); without matrix units a bf16 matmul is slower than fp32 (docs/benchmarks.md)."""
+    if capabilities is None:
+        return DtypeChoice(torch.float32, f"auto: fp32, as bf16 matrix units (AMX) could not be looked for: {source}")
+    if capabilities.get("amx_tile") and capabilities.get("amx_bf16"):
+        return DtypeChoice(torch.bfloat16, f"auto: this CPU has bf16 matrix units (AMX, from {source})")
+    return DtypeChoice(torch.float32, f"auto: this CPU has no bf16 matrix units (no AMX, from {source})")
+
+
+def cpu_capabilities() -> tuple[Mapping[str, object] | None, str]:
+    """What this CPU reports, and where that was read: torch's `torch.cpu.get_capabilities()`, or where
+    this torch lacks it, the flags of Linux's /proc/cpuinfo."""
+    if hasattr(torch.cpu, "get_capabilities"):
+        return torch.cpu.get_capabilities(), "torch.cpu.get_capabilities()"
+    try:
+        cpuinfo = CPUINFO.read_text()
+    except OSError as err:
+        return None, f"this torch has no torch.cpu.get_capabilities() and {CPUINFO} is unreadable ({err.strerror})"
+    return dict.fromkeys(cpuinfo_flags(cpuinfo), True), str(CPUINFO)
+
+
+def cpuinfo_flags(cpuinfo: str) -> set[str]:
+    """The feature flags of the first processor in /proc/cpuinfo's text (x86: the `flags` line)."""
+    flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.MULTILINE)
+    return set(flags.group(1).split()) if flags else set()
+
+
+def agreed_dtype(choices: list[DtypeChoice]) -> DtypeChoice:
+    """One dtype for the whole job, from every rank's own choice (rank order): rank 0's where all ranks
+    chose the same dtype, else fp32 (ranks on different hardware: the file records one compute dtype)."""
+    if all(choice.dtype == choices[0].dtype for choice in choices):
+        return choices[0]
+    differing = next(rank for rank, choice in enumerate(choices) if choice.dtype != choices[0].dtype)
+    return DtypeChoice(torch.float32, f"fp32: ranks chose different dtypes (rank 0: {choices[0].reason}; "
+                                      f"rank {differing}: {choices[differing].reason})")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

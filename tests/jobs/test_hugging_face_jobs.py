@@ -3,9 +3,7 @@ records and the resume it refuses, and checkpoints refused before any work, none
 
 import hashlib
 import json
-import shutil
 
-import h5py
 import numpy as np
 import pytest
 import torch

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jobs import clean_env, phage_sample, write_fasta
+from jobs import FP32, clean_env, phage_sample, write_fasta
 from output_checks import assert_complete_and_like_fair_esm
 
 DRIVER = Path(__file__).resolve().parents[1] / "in_process_driver.py"
@@ -16,9 +16,9 @@ def test_main_uses_the_callers_group_repeatedly_and_leaves_it_initialised(tmp_pa
     tails = write_fasta(tmp_path / "tails.fasta", phage_sample(phage_dir, 6, long=0))
     first, second = tmp_path / "capsid.h5", tmp_path / "tails.h5"
     calls = [
-        ["--model", str(tiny_model_path), "--fasta", str(capsid_fasta), "--out", str(first)],
-        ["--model", str(tiny_model_path), "--fasta", str(tails), "--out", str(second)],
-        ["--model", str(tiny_model_path), "--fasta", str(capsid_fasta), "--out", str(first)],  # already complete
+        [*FP32, "--model", str(tiny_model_path), "--fasta", str(capsid_fasta), "--out", str(first)],
+        [*FP32, "--model", str(tiny_model_path), "--fasta", str(tails), "--out", str(second)],
+        [*FP32, "--model", str(tiny_model_path), "--fasta", str(capsid_fasta), "--out", str(first)],  # complete
         ["--model", str(tiny_model_path), "--fasta", str(tmp_path / "missing.fasta"), "--out", str(tmp_path / "x.h5")],
         ["--model", "m", "--fasta", "f", "--out", "o", "--no-such-flag"],
     ]
@@ -43,7 +43,7 @@ def test_a_rank_stopped_while_its_peer_finishes_stops_both_and_the_group_stays_u
     marks the file, at the latest): it must not leave alone with rank 0 going on into a collective, or the
     next call hangs."""
     out = tmp_path / "capsid.h5"
-    job = ["--model", str(tiny_model_path), "--fasta", str(capsid_fasta), "--out", str(out)]
+    job = [*FP32, "--model", str(tiny_model_path), "--fasta", str(capsid_fasta), "--out", str(out)]
     (tmp_path / "calls.json").write_text(json.dumps([job, job]))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(DRIVER), str(tmp_path / "calls.json"), str(tmp_path / "result")],

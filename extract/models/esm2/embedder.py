@@ -52,11 +52,12 @@ class Esm2Embedder:
 
     def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
                  repr_layers: Sequence[int], long_sequences: LongSequencePolicy, outputs: Sequence[str] = ("mean",),
-                 attention: str = "fast"):
+                 attention: str = "fast", dtype_reason: str = ""):
         self.loaded = loaded
         self.attention = attention
         self.device = device
         self.dtype = dtype
+        self.dtype_reason = dtype_reason  # why this dtype, for the log and the run report
         self.layers = resolve_layers(repr_layers, loaded.num_layers)
         self.long_sequences = long_sequences
         self.truncation_seq_length = long_sequences.window
@@ -98,7 +99,9 @@ class Esm2Embedder:
         weights = " (random weights)" if self.loaded.random_weights else ""
         revision = f"@{self.loaded.revision}" if self.loaded.revision else ""
         heads = f" (heads left out: {', '.join(self.loaded.heads_left_out)})" if self.loaded.heads_left_out else ""
-        return f"model {self.loaded.name}{revision}{weights}{heads} on {self.device} in {dtype_name(self.dtype)}"
+        reason = f" ({self.dtype_reason})" if self.dtype_reason else ""
+        return (f"model {self.loaded.name}{revision}{weights}{heads} on {self.device} in {dtype_name(self.dtype)}"
+                f"{reason}")
 
     def prepare(self, sequences: list[str]) -> Esm2Inputs:
         """The host's share of a batch (run ahead of the forward, on another thread): windows and tokens."""
