@@ -10,9 +10,13 @@ from pathlib import Path
 
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
+from extract.data.fasta import Alphabet
+from extract.models.esm2.embedder import Esm2Embedder
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "extract" / "esm_features.py"
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+ESM2_ALPHABET = Alphabet(Esm2Embedder.alphabet, Esm2Embedder.alphabet_name)  # what the command reads ESM-2's input with
 
 
 def clean_env() -> dict:

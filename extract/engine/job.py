@@ -1,11 +1,9 @@
-"""The engine: plan, run batches, write rows, resume, finish. It does not know which model it runs.
+"""The job: set up or resume the output, plan, run batches, write rows, finish. It does not know which model it
+runs: the model is any `Embedder` (extract/contract.py).
 
-The model is any object with the attributes of `Embedder` below; `prepare` makes a batch's inputs from its
-sequences on the host, `embed` returns from them, per dataset, the batch's rows in batch order (for
-per-token datasets, every record's rows concatenated), and `embed_low_memory` the same for one row with
-less peak memory (the last retry after running out of memory). Batches are read and prepared on a thread
-ahead of the model, and written on another behind it, so the device does not wait for the host.
-Stop requests (signals) are acted on between batches, after the rows written so far are durable.
+Batches are read and made into model inputs (`prepare`) on a thread ahead of the model, and written on
+another behind it, so the device does not wait for the host. Stop requests (signals) are acted on between
+batches, after the rows written so far are durable.
 """
 
 from __future__ import annotations
