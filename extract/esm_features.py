@@ -18,8 +18,7 @@ if __package__ in (None, ""):  # started as a script: make the `extract` package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract.contract import Loading  # noqa: E402
-from extract.engine.entry import JobRequest, run_rank  # noqa: E402
-from extract.errors import JobError, StopRequested, UserError  # noqa: E402
+from extract.engine.entry import JobRequest, exit_code, run_rank  # noqa: E402
 from extract.models.esm2.checkpoints import checkpoint_sha256, load_model  # noqa: E402
 from extract.models.esm2.embedder import Esm2Embedder  # noqa: E402
 from extract.models.long_sequences import MODES, LongSequencePolicy  # noqa: E402
@@ -132,14 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_request:  # argparse printed the usage or --help; return its code
         return int(exit_request.code or 0)
     args.repr_layers, args.include = args.repr_layers or [-1], args.include or ["mean"]
-    try:
-        run(args, argv)
-    except (UserError, JobError, StopRequested) as err:
-        # One write: the lines of ranks sharing a stderr (torchrun's) must not interleave.
-        sys.stderr.write(f"esm_features: {err.prefix}{err}\n")
-        sys.stderr.flush()
-        return err.exit_code
-    return 0
+    return exit_code("esm_features", lambda: run(args, argv))
 
 
 if __name__ == "__main__":

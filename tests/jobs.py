@@ -27,18 +27,19 @@ def clean_env() -> dict:
     return env
 
 
-def extract_command(args: list, nproc: int | None = None) -> list[str]:
-    """`python extract/esm_features.py ARGS`, or under `torchrun --standalone` with `nproc` ranks."""
+def extract_command(args: list, nproc: int | None = None, script: Path = SCRIPT) -> list[str]:
+    """`python extract/esm_features.py ARGS` (or another `script`), or under `torchrun --standalone` with
+    `nproc` ranks."""
     args = [str(a) for a in args]
     if nproc is None:
-        return [sys.executable, str(SCRIPT), *args]
+        return [sys.executable, str(script), *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(SCRIPT), *args]
+            str(script), *args]
 
 
 def run_extract(args: list, nproc: int | None = None, timeout: float = 300, extra_env: dict | None = None,
-                **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(extract_command(args, nproc), env={**clean_env(), **(extra_env or {})},
+                script: Path = SCRIPT, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(extract_command(args, nproc, script), env={**clean_env(), **(extra_env or {})},
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 

@@ -8,10 +8,11 @@ model's alphabet, and runs the job (`job.run_job`), or with a dry run says what 
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -20,7 +21,7 @@ from extract.data import input_index
 from extract.data.fasta import Alphabet
 from extract.engine import dry_run, run_report
 from extract.engine.job import JobSettings, run_job
-from extract.errors import UserError
+from extract.errors import JobError, StopRequested, UserError
 from extract.output.lock import held_by_leader
 from extract.runtime import collectives, stopping
 from extract.runtime.device import choose_device, current_device
@@ -81,6 +82,19 @@ def run_rank(request: JobRequest, build_model: ModelFactory) -> None:
             raise
         if identity.is_leader:
             input_index.remove(index_directory)
+
+
+def exit_code(program: str, run: Callable[[], None]) -> int:
+    """`run()`, and the exit code it ends with: 0 complete, else the code of the UserError, JobError or
+    StopRequested it raised, whose one line goes to stderr as `program: ...`."""
+    try:
+        run()
+    except (UserError, JobError, StopRequested) as err:
+        # One write: the lines of ranks sharing a stderr (torchrun's) must not interleave.
+        sys.stderr.write(f"{program}: {err.prefix}{err}\n")
+        sys.stderr.flush()
+        return err.exit_code
+    return 0
 
 
 def alphabet_of(model: Embedder) -> Alphabet:
