@@ -44,5 +44,5 @@ def plan_lines(inputs: InputIndex, embedder: Embedder, job: JobSettings, world_s
         f"{inputs.distinct:,} distinct sequences",
         "settings: " + ", ".join(f"{name} {value}" for name, value in settings.items()),
         f"output: {output}",
-        *plan_job(inputs, RowCounts.of(inputs, embedder), job, done).describe(inputs.lengths, world_size),
+        *plan_job(inputs, RowCounts.of(inputs, embedder), job, done).summary_lines(inputs.lengths, world_size),
     ]

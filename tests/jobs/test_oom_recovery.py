@@ -83,7 +83,8 @@ def _job(tmp_path, records, embedder, budget=2048):
     input_index.prepare([write_fasta(tmp_path / "in.fasta", records)], ESM2_ALPHABET, index)
     inputs = input_index.load(index)
     log = rank_logger(SINGLE_RANK)
-    run = lambda: run_job(SINGLE_RANK, inputs, embedder, JobSettings(out, budget, False), log, time.monotonic())
+    job = JobSettings(out=out, toks_per_batch=budget, overwrite=False)
+    run = lambda: run_job(SINGLE_RANK, inputs, embedder, job, log, time.monotonic())
     return inputs, out, run
 
 
