@@ -36,7 +36,7 @@ class OutOfMemoryAbove:
         self.attempts: list[tuple[int, bool]] = []  # (padded tokens, ran out of memory) for every embed()
         self.low_memory_lengths: list[int] = []
 
-    def __getattr__(self, name):  # device, datasets, tokens_per_row, ...: the real embedder's
+    def __getattr__(self, name):  # device, datasets, tokens_per_input, ...: the real embedder's
         return getattr(self.inner, name)
 
     def embed(self, inputs):
@@ -109,7 +109,7 @@ def test_batches_are_halved_and_the_budget_adapts(tmp_path, tiny_model_path, rec
     inputs, out, run = _job(tmp_path, records, model)
     run()
 
-    planned = plan_batches(np.arange(len(inputs)), model.tokens_per_row(inputs.lengths), 2048)
+    planned = plan_batches(np.arange(len(inputs)), model.tokens_per_input(inputs.lengths), 2048)
     # The first batch (2048 tokens) ran out of memory and was halved; the budget fell to the halves' 1024
     # tokens, so the second planned batch (1860 tokens, also too big) was cut before it was tried.
     assert planned.batch_tokens[:2].tolist() == [2048, 1860]
