@@ -10,6 +10,7 @@ elsewhere. The file may be checked while a job still writes it: this never takes
 from __future__ import annotations
 
 import argparse
+import string
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,8 +23,11 @@ import numpy as np  # noqa: E402
 
 from extract.output import hdf5_file  # noqa: E402
 from extract.errors import UserError  # noqa: E402
-from extract.data.fasta import read_inputs  # noqa: E402
+from extract.data.fasta import Alphabet, read_inputs  # noqa: E402
 
+# The FASTA is read only for its ids and lengths, whichever model made the file: every letter any model's
+# alphabet may hold (ESM-2's protein letters, DNA's) is accepted.
+ANY_LETTER = Alphabet(frozenset(string.ascii_uppercase), "the letters A to Z")
 READ_BYTES = 64 << 20  # a dataset is scanned for NaN and inf in blocks of about this size
 NAMED = 3  # ids named per problem
 
@@ -80,7 +84,7 @@ def _non_finite_problems(f: h5py.File, ids: np.ndarray, done: np.ndarray) -> lis
 
 
 def _fasta_problems(ids: np.ndarray, lengths: np.ndarray, fasta: list[Path]) -> list[str]:
-    inputs = read_inputs(fasta)
+    inputs = read_inputs(fasta, ANY_LETTER)
     if list(ids) == inputs.ids:
         differ = np.flatnonzero(lengths != inputs.lengths)
         if not differ.size:

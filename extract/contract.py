@@ -1,18 +1,33 @@
 """The one contract between a model and the rest of the suite: what the engine and the command call on it.
 
-A model is any object with these members; `extract/models/esm2/` is one. The engine, the data, output and
-runtime folders know a model only through this contract, so a model over another alphabet (DNA, say)
-runs through the same machinery. Arrays of counts are per row, in the order of the `lengths` given.
+A model is any object with the members of `Embedder`; `extract/models/esm2/` is one. The engine builds it
+through a `ModelFactory`, which the command supplies, once the rank knows its device and process group.
+The engine, the data, output and runtime folders know a model only through this contract, so a model over
+another alphabet (DNA, say) runs through the same machinery. Arrays of counts are per row, in the order of
+the `lengths` given.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from extract.output.hdf5_file import RowDataset
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Loading:
+    """What the engine tells a model factory: where the rank computes, and how its ranks share the loading."""
+
+    device: torch.device  # where the rank computes; the compute dtype follows from it
+    weights_device: torch.device  # where the weights go: `device`, or meta in a dry run (shapes only, no weights)
+    local_leader_first: Callable[[], ContextManager]  # one rank per node goes first (e.g. to fetch weights)
+    leader_decides: Callable[[Callable[[], T]], T]  # rank 0's result of a call (or its UserError), on every rank
 
 
 class Embedder(Protocol):
@@ -30,6 +45,10 @@ class Embedder(Protocol):
 
     def describe(self) -> str:
         """One line for the log: the model and how it runs (device, compute dtype and why)."""
+
+    def run_context(self) -> dict:
+        """What the run report records of how this run computes that is not the file's contents (not
+        fingerprinted: a resume on other hardware may differ here), e.g. why its compute dtype."""
 
     def auto_token_budget(self) -> int:
         """The token budget `--toks-per-batch auto` means for this model on its device."""
@@ -56,3 +75,6 @@ class Embedder(Protocol):
 
     def embed_low_memory(self, sequence: str) -> dict[str, np.ndarray]:
         """The same values for one row with less peak memory: the last retry after running out of memory."""
+
+
+ModelFactory = Callable[[Loading], Embedder]  # the model as the command line asks for it; UserError if it cannot be

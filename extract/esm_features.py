@@ -13,28 +13,20 @@ import dataclasses
 import math
 import shlex
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # started as a script: make the `extract` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
-from extract.data import input_index  # noqa: E402
-from extract.engine import dry_run, run_report  # noqa: E402
-from extract.engine.job import JobSettings, run_job  # noqa: E402
-from extract.errors import JobError, StopRequested, UserError  # noqa: E402
-from extract.models.esm2.checkpoints import LoadedModel, checkpoint_sha256, load_model  # noqa: E402
+from extract.contract import Loading  # noqa: E402
+from extract.engine.entry import JobRequest, exit_code, run_rank  # noqa: E402
+from extract.models.esm2.checkpoints import checkpoint_sha256, load_model  # noqa: E402
 from extract.models.esm2.embedder import Esm2Embedder  # noqa: E402
 from extract.models.long_sequences import MODES, LongSequencePolicy  # noqa: E402
 from extract.models.pooling import OUTPUTS  # noqa: E402
 from extract.output.hdf5_file import STORAGE_DTYPES  # noqa: E402
-from extract.output.lock import held_by_leader  # noqa: E402
-from extract.runtime import collectives, stopping  # noqa: E402
-from extract.runtime.device import (DTYPES, DtypeChoice, agreed_dtype, choose_device, choose_dtype,  # noqa: E402
-                                   current_device)
-from extract.runtime.identity import RankIdentity, rank_logger  # noqa: E402
+from extract.runtime import collectives  # noqa: E402
+from extract.runtime.device import DTYPES, agreed_dtype, choose_dtype  # noqa: E402
 
 REPORTED_PACKAGES = ("torch", "fair-esm", "h5py", "numpy", "biopython")
 
@@ -150,92 +142,26 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _embedder(args: argparse.Namespace, loaded: LoadedModel, long_sequences: LongSequencePolicy,
-              placed_on: torch.device, dtype: DtypeChoice) -> Esm2Embedder:
-    """ESM-2 as this job runs it; `placed_on` is where `load_model` put its weights (meta: none)."""
-    return Esm2Embedder(loaded, placed_on, dtype.dtype, args.repr_layers, long_sequences, args.include, args.attention,
-                        dtype_reason=dtype.reason)
-
-
-def _job_settings(args: argparse.Namespace, argv: list[str], embedder: Esm2Embedder) -> JobSettings:
-    # Every rank plans alike: an automatic budget is the smallest any rank's free memory allows.
-    budget = min(collectives.gather(embedder.auto_token_budget())) if args.toks_per_batch == "auto" \
-        else args.toks_per_batch
-    context = {"arguments": argv, "versions": run_report.package_versions(REPORTED_PACKAGES),
-               "compute_dtype_reason": embedder.dtype_reason}
-    return JobSettings(args.out, budget, args.overwrite, args.progress_seconds, args.storage_dtype, args.report,
-                       context, args.dedupe)
+def _build_model(args: argparse.Namespace, long_sequences: LongSequencePolicy, loading: Loading) -> Esm2Embedder:
+    """ESM-2 as this job asks for it, its weights where `loading` says (meta in a dry run: none)."""
+    dtype = agreed_dtype(collectives.gather(choose_dtype(args.dtype, loading.device)))
+    loaded = load_model(args.model, loading.local_leader_first, loading.weights_device, dtype.dtype)
+    # The fingerprint tells apart checkpoints of one name by their contents: rank 0 hashes the files.
+    loaded = dataclasses.replace(loaded, sha256=loading.leader_decides(lambda: checkpoint_sha256(loaded)))
+    return Esm2Embedder(loaded, loading.weights_device, dtype.dtype, args.repr_layers, long_sequences, args.include,
+                        args.attention, dtype_reason=dtype.reason)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> None:
-    """The whole job for this rank; raises UserError or JobError when it cannot finish, StopRequested
-    when a signal stopped it."""
-    started = time.monotonic()
-    _check_paths(args.fasta, args.out)
-    identity = RankIdentity.from_env()
-    log = rank_logger(identity)
-    device = choose_device(args.device, identity)
+    """The whole job for this rank (extract/engine/entry.py) with the model this command line asks for;
+    raises UserError or JobError when it cannot finish, StopRequested when a signal stopped it."""
     long_sequences = LongSequencePolicy.from_options(args.long_sequences, args.truncation_seq_length,
                                                      args.window_overlap)
-    if args.dry_run is not None:
-        if identity.is_leader:
-            _dry_run(args, argv, long_sequences, device, args.dry_run or identity.world_size)
-        return
-    with stopping.stop_on_signals(), current_device(device), collectives.process_group(identity, device), \
-            held_by_leader(identity, args.out, log):
-        # The model first: it loads in moments (memory-mapped), while reading millions of proteins takes
-        # minutes that a bad --model should not cost.
-        dtype = agreed_dtype(collectives.gather(choose_dtype(args.dtype, device)))
-        loaded = load_model(args.model, lambda: collectives.local_leader_first(identity), device, dtype.dtype)
-        # The fingerprint tells apart checkpoints of one name by their contents: rank 0 hashes the files.
-        sha256 = collectives.leader_decides(identity, lambda: checkpoint_sha256(loaded))
-        loaded = dataclasses.replace(loaded, sha256=sha256)
-        embedder = _embedder(args, loaded, long_sequences, device, dtype)
-        index_directory = input_index.directory_for(args.out)
-        reused = collectives.leader_decides(identity, lambda: input_index.prepare(args.fasta, index_directory))
-        inputs = input_index.load(index_directory)
-        try:
-            if identity.is_leader:
-                log.info("%d proteins from %d file(s), input index %s; %s", len(inputs), len(args.fasta),
-                         "reused (inputs unchanged)" if reused else "built", embedder.describe())
-            run_job(identity, inputs, embedder, _job_settings(args, argv, embedder), log, started)
-        except UserError:  # refused to start: keep no index made for nothing, but one a resume may need
-            if identity.is_leader and not reused:
-                input_index.remove(index_directory)
-            raise
-        if identity.is_leader:
-            input_index.remove(index_directory)
-
-
-def _check_paths(fasta: list[Path], out: Path) -> None:
-    """Refuse an input named twice, and an --out that names a directory or an input (which --overwrite would
-    replace), before anything is read."""
-    if out.is_dir():
-        raise UserError(f"{out}: is a directory; name the output file")
-    named: dict[tuple[int, int], Path] = {}
-    for path in fasta:
-        if path.is_file():
-            file = path.stat()
-            first = named.setdefault((file.st_dev, file.st_ino), path)
-            if first is not path:
-                raise UserError(f"--fasta {path}: names the same file as {first}; give each input once")
-    if out.is_file() and (out.stat().st_dev, out.stat().st_ino) in named:
-        raise UserError(f"{out}: is one of the --fasta inputs; choose another --out")
-
-
-def _dry_run(args: argparse.Namespace, argv: list[str], long_sequences: LongSequencePolicy, device: torch.device,
-             world_size: int) -> None:
-    saved = input_index.saved_if_current(args.fasta, input_index.directory_for(args.out))
-    inputs = saved or input_index.build(args.fasta, None)
-    dtype = choose_dtype(args.dtype, device)
-    loaded = load_model(args.model, device=torch.device("meta"), dtype=dtype.dtype)
-    loaded = dataclasses.replace(loaded, sha256=checkpoint_sha256(loaded))
-    embedder = _embedder(args, loaded, long_sequences, torch.device("meta"), dtype)
-    lines = dry_run.describe(inputs, embedder, _job_settings(args, argv, embedder), world_size)
-    if device.type == "cuda" and args.toks_per_batch == "auto":
-        lines.append("note: on GPUs --toks-per-batch auto is sized from free memory once the model is loaded; "
-                     "this plan uses the CPU's budget, pass --toks-per-batch to plan with another")
-    print("\n".join(lines))
+    request = JobRequest(fasta=args.fasta, out=args.out, device=args.device, toks_per_batch=args.toks_per_batch,
+                         overwrite=args.overwrite, progress_seconds=args.progress_seconds,
+                         storage_dtype=args.storage_dtype, report=args.report, dedupe=args.dedupe,
+                         dry_run_ranks=args.dry_run, argv=argv, reported_packages=REPORTED_PACKAGES)
+    run_rank(request, lambda loading: _build_model(args, long_sequences, loading))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,14 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_request:  # argparse printed the usage or --help; return its code
         return int(exit_request.code or 0)
     args.repr_layers, args.include = args.repr_layers or [-1], args.include or ["mean"]
-    try:
-        run(args, argv)
-    except (UserError, JobError, StopRequested) as err:
-        # One write: the lines of ranks sharing a stderr (torchrun's) must not interleave.
-        sys.stderr.write(f"esm_features: {err.prefix}{err}\n")
-        sys.stderr.flush()
-        return err.exit_code
-    return 0
+    return exit_code("esm_features", lambda: run(args, argv))
 
 
 if __name__ == "__main__":

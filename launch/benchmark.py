@@ -37,8 +37,9 @@ if __package__ in (None, ""):  # started as a script: make the repo's packages i
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from extract.data.fasta import read_inputs  # noqa: E402
+from extract.data.fasta import Alphabet, read_inputs  # noqa: E402
 from extract.models.esm2.checkpoints import RANDOM_PREFIX, fair_esm_checkpoint, load_model  # noqa: E402
+from extract.models.esm2.embedder import Esm2Embedder  # noqa: E402
 from extract.reading import Embeddings  # noqa: E402
 from extract.runtime.device import CPUINFO, choose_dtype, cpu_capabilities, dtype_name  # noqa: E402
 from launch import benchmark_peers  # noqa: E402
@@ -114,7 +115,7 @@ def prepare(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, dict]:
     model, model_path = shape_only.model, workdir / f"{shape_only.name}.pt"
     if not model_path.exists():
         torch.save(fair_esm_checkpoint(load_model(args.model).model), model_path)
-    inputs = read_inputs([args.fasta])
+    inputs = read_inputs([args.fasta], Alphabet(Esm2Embedder.alphabet, Esm2Embedder.alphabet_name))
     count = len(inputs) if args.limit is None else min(args.limit, len(inputs))
     fasta = workdir / "proteins.fasta"
     with open(fasta, "w") as out:

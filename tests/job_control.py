@@ -10,12 +10,12 @@ from typing import Callable
 import numpy as np
 
 from extract.output.hdf5_file import DoneFlags
-from jobs import clean_env, extract_command, process_tree
+from jobs import SCRIPT, clean_env, extract_command, process_tree
 
 
-def start_extract(args: list, nproc: int | None = None, **kwargs) -> subprocess.Popen:
+def start_extract(args: list, nproc: int | None = None, script: Path = SCRIPT, **kwargs) -> subprocess.Popen:
     """The job in the background (see jobs.run_extract); finish with `proc.communicate(timeout=...)`."""
-    return subprocess.Popen(extract_command(args, nproc), env=clean_env(), stdout=subprocess.PIPE,
+    return subprocess.Popen(extract_command(args, nproc, script), env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 

@@ -10,12 +10,16 @@ from pathlib import Path
 
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
+from extract.data.fasta import Alphabet
+from extract.models.esm2.embedder import Esm2Embedder
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "extract" / "esm_features.py"
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 # Tests compare jobs with fair-esm's fp32 forward: they run in fp32 unless they name a --dtype (a later --dtype
 # overrides this one), as `auto` is bf16 on CPUs with AMX.
 FP32 = ("--dtype", "fp32")
+ESM2_ALPHABET = Alphabet(Esm2Embedder.alphabet, Esm2Embedder.alphabet_name)  # what the command reads ESM-2's input with
 
 
 def clean_env() -> dict:
@@ -26,19 +30,19 @@ def clean_env() -> dict:
     return env
 
 
-def extract_command(args: list, nproc: int | None = None) -> list[str]:
-    """`python extract/esm_features.py ARGS`, or under `torchrun --standalone` with `nproc` ranks (in fp32
-    unless ARGS name a --dtype)."""
-    args = [*FP32, *(str(a) for a in args)]
+def extract_command(args: list, nproc: int | None = None, script: Path = SCRIPT) -> list[str]:
+    """`python extract/esm_features.py ARGS` (or another `script`), or under `torchrun --standalone` with
+    `nproc` ranks (in fp32 unless ARGS name a --dtype)."""
+    args = [*(FP32 if script == SCRIPT else ()), *(str(a) for a in args)]
     if nproc is None:
-        return [sys.executable, str(SCRIPT), *args]
+        return [sys.executable, str(script), *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(SCRIPT), *args]
+            str(script), *args]
 
 
 def run_extract(args: list, nproc: int | None = None, timeout: float = 300, extra_env: dict | None = None,
-                **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(extract_command(args, nproc), env={**clean_env(), **(extra_env or {})},
+                script: Path = SCRIPT, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(extract_command(args, nproc, script), env={**clean_env(), **(extra_env or {})},
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 

@@ -11,12 +11,13 @@ import torch
 from extract.check_output import find_problems
 from extract.data.fasta import read_inputs
 from fair_esm_reference import fair_esm_means, load_fair_esm
+from jobs import ESM2_ALPHABET
 
 
 def assert_complete_and_like_fair_esm(out: Path, fasta: list[Path], model_path: Path, layer: int = 2) -> None:
     """`out` passes check_output against `fasta`, and its mean embeddings equal fair-esm's."""
     assert find_problems(out, fasta) == []
-    inputs = read_inputs(fasta)
+    inputs = read_inputs(fasta, ESM2_ALPHABET)
     model, alphabet = load_fair_esm(model_path)
     expected = fair_esm_means(model, alphabet, inputs.sequences, [layer])[layer]
     with h5py.File(out, "r") as f:

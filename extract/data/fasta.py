@@ -1,4 +1,5 @@
-"""Reading protein FASTA: plain or gzip, validated and normalised as users write it, a block of records at a time.
+"""Reading FASTA: plain or gzip, validated against the model's alphabet and normalised as users write it, a block
+of records at a time.
 
 The parser works on blocks of whole records with numpy and bytes operations, so that tens of millions of
 short records take seconds and never become one Python object each. Accepted: lowercase, CRLF (or CR)
@@ -15,12 +16,9 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
-from esm.constants import proteinseq_toks
 
 from extract.errors import UserError
 
-# Residue letters of the ESM-2 alphabet; the gap symbols '-' and '.' mean an alignment, not a protein.
-RESIDUES = frozenset(tok for tok in proteinseq_toks["toks"] if tok.isalpha())
 GZIP_MAGIC = b"\x1f\x8b"
 BLOCK_BYTES = 8 << 20
 WHITESPACE = bytes(c for c in range(128) if chr(c).isspace())  # where str.split() splits, in ASCII
@@ -28,17 +26,26 @@ MARK, STOP, NEWLINE, INVALID = b">", b"*", b"\n", b"\0"
 UTF8_BOM = b"\xef\xbb\xbf"  # what some editors put before UTF-8 text
 
 
-def _normalising_table() -> bytes:
+class Alphabet:
+    """The residue letters a model reads (upper case, as its contract's `alphabet`) and how messages name them
+    (its `alphabet_name`), with the byte table that normalises a sequence to them, built once."""
+
+    def __init__(self, letters: frozenset[str], name: str):
+        self.letters = letters
+        self.name = name
+        self.normalising_table = _normalising_table(letters)
+
+
+def _normalising_table(letters: frozenset[str]) -> bytes:
     """Residues (either case) become uppercase, record marks and stops stay, anything else INVALID."""
     table = bytearray(INVALID * 256)
-    for letter in RESIDUES:
+    for letter in letters:
         table[ord(letter)] = table[ord(letter.lower())] = ord(letter)
     for kept in MARK + STOP:
         table[kept] = kept
     return bytes(table)
 
 
-NORMALISE = _normalising_table()
 IS_WHITESPACE = np.zeros(256, bool)
 IS_WHITESPACE[list(WHITESPACE)] = True
 
@@ -61,26 +68,27 @@ def record_where(path: str | Path, number: int, record_id: str) -> str:
     return f"{path}: record {number} ({record_id})"
 
 
-def sequence_problem(sequence: str) -> str | None:
-    """What makes a record's sequence (as written, whitespace removed) no protein; None if it is one."""
+def sequence_problem(sequence: str, alphabet: Alphabet) -> str | None:
+    """What makes a record's sequence (as written, whitespace removed) no sequence of `alphabet`; None if it is one."""
     if sequence.endswith("*"):
         sequence = sequence[:-1]
     if not sequence:
         return "the record has no sequence"
     bad = {char.upper() if char.isascii() else char for char in sequence
-           if not char.isascii() or char.upper() not in RESIDUES}
+           if not char.isascii() or char.upper() not in alphabet.letters}
     if bad:
-        return f"character(s) {''.join(sorted(bad))!r} not in the ESM-2 protein alphabet"
+        return f"character(s) {''.join(sorted(bad))!r} not in {alphabet.name}"
     return None
 
 
-def read_blocks(paths: Sequence[str | Path], block_bytes: int = BLOCK_BYTES) -> Iterator[RecordBlock]:
+def read_blocks(paths: Sequence[str | Path], alphabet: Alphabet,
+                block_bytes: int = BLOCK_BYTES) -> Iterator[RecordBlock]:
     """Validated, normalised records of every file in the order given, in blocks of about `block_bytes`
     of input (or one record, where that is longer); UserError on bad input."""
     for path in map(Path, paths):
         _check_is_a_file(path)
         try:
-            yield from _file_blocks(path, block_bytes)
+            yield from _file_blocks(path, alphabet, block_bytes)
         except (EOFError, zlib.error, gzip.BadGzipFile) as err:
             raise UserError(f"{path}: the gzip stream is truncated or corrupt ({err})") from None
         except OSError as err:
@@ -124,7 +132,7 @@ def _whole_records(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield b"".join(pending)
 
 
-def _file_blocks(path: Path, block_bytes: int) -> Iterator[RecordBlock]:
+def _file_blocks(path: Path, alphabet: Alphabet, block_bytes: int) -> Iterator[RecordBlock]:
     number = 1
     started = False
     for data in _whole_records(_chunks(path, block_bytes)):
@@ -139,14 +147,14 @@ def _file_blocks(path: Path, block_bytes: int) -> Iterator[RecordBlock]:
             if not body.startswith(MARK) or (indent and not indent.endswith(NEWLINE)):
                 raise UserError(f"{path}: not a FASTA file (the first line does not start with '>')")
             data, started = body, True
-        block = _parse_block(path, number, data)
+        block = _parse_block(path, alphabet, number, data)
         number += len(block)
         yield block
     if not started:
         raise UserError(f"{path}: the file is empty")
 
 
-def _parse_block(path: Path, first_number: int, data: bytes) -> RecordBlock:
+def _parse_block(path: Path, alphabet: Alphabet, first_number: int, data: bytes) -> RecordBlock:
     """Records of `data`, which starts with '>' and has line ends normalised to newlines."""
     raw = np.frombuffer(data, np.uint8)
     marks = np.flatnonzero(raw == ord(MARK))
@@ -155,10 +163,10 @@ def _parse_block(path: Path, first_number: int, data: bytes) -> RecordBlock:
     newlines = np.append(np.flatnonzero(raw == ord(NEWLINE)), len(raw))
     header_ends = newlines[np.searchsorted(newlines, starts)]
     ids, no_id = _ids(data, raw, starts, header_ends)
-    sequences, lengths, bad = _sequences(raw, marks[~at_line_start], starts, header_ends)
+    sequences, lengths, bad = _sequences(raw, marks[~at_line_start], starts, header_ends, alphabet.normalising_table)
     problems = np.union1d(no_id, bad)
     if problems.size:
-        _explain(path, first_number, data, starts, header_ends, ids, int(problems[0]))
+        _explain(path, alphabet, first_number, data, starts, header_ends, ids, int(problems[0]))
     return RecordBlock(path, first_number, ids, sequences, lengths)
 
 
@@ -185,9 +193,10 @@ def _ids(data: bytes, raw: np.ndarray, starts: np.ndarray, header_ends: np.ndarr
     return blob.tobytes(), np.empty(0, np.int64)
 
 
-def _sequences(raw: np.ndarray, inner_marks: np.ndarray, starts: np.ndarray,
-               header_ends: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """Normalised sequences (each after a '>'), residues per record and the records that are no protein."""
+def _sequences(raw: np.ndarray, inner_marks: np.ndarray, starts: np.ndarray, header_ends: np.ndarray,
+               normalising_table: bytes) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """Normalised sequences (each after a '>'), residues per record and the records that are no sequence of the
+    alphabet."""
     runs = np.empty(2 * len(starts) + 1, np.int64)  # kept: each '>' and the sequence lines; dropped: headers
     runs[0:-1:2] = np.append(starts[0], starts[1:] - header_ends[:-1]) + 1
     runs[1::2] = header_ends - starts - 1
@@ -197,7 +206,7 @@ def _sequences(raw: np.ndarray, inner_marks: np.ndarray, starts: np.ndarray,
     if sequence_marks.size:
         raw = raw.copy()
         raw[sequence_marks] = ord(INVALID)
-    stream = raw[kept].tobytes().translate(NORMALISE, WHITESPACE)
+    stream = raw[kept].tobytes().translate(normalising_table, WHITESPACE)
     if STOP in stream:
         stream = _without_terminal_stops(stream)
     record_marks = np.flatnonzero(np.frombuffer(stream, np.uint8) == ord(MARK))
@@ -234,8 +243,8 @@ def _is_utf8(text: bytes) -> bool:
     return True
 
 
-def _explain(path: Path, first_number: int, data: bytes, starts: np.ndarray, header_ends: np.ndarray,
-             ids: bytes, record: int) -> None:
+def _explain(path: Path, alphabet: Alphabet, first_number: int, data: bytes, starts: np.ndarray,
+             header_ends: np.ndarray, ids: bytes, record: int) -> None:
     """Raise the UserError for `record`, a record of the block that the fast checks refused."""
     number = first_number + record
     record_id = ids.split(NEWLINE)[record]
@@ -247,14 +256,14 @@ def _explain(path: Path, first_number: int, data: bytes, starts: np.ndarray, hea
     end = int(starts[record + 1]) if record + 1 < len(starts) else len(data)
     sequence = data[int(header_ends[record]) : end].translate(None, WHITESPACE)
     if not _is_utf8(sequence):
-        raise UserError(f"{where}: the sequence is not UTF-8 text (a byte outside the ESM-2 protein alphabet)")
-    problem = sequence_problem(sequence.decode())
-    assert problem, f"record {number} of {path} was refused but is a protein"
+        raise UserError(f"{where}: the sequence is not UTF-8 text (a byte outside {alphabet.name})")
+    problem = sequence_problem(sequence.decode(), alphabet)
+    assert problem, f"record {number} of {path} was refused but is a sequence of {alphabet.name}"
     raise UserError(f"{where}: {problem}")
 
 
 @dataclass(frozen=True)
-class ProteinInputs:
+class Records:
     """Every record, in input order, as Python lists: for checking outputs and for tests. The job keeps
     its input in the compact input index (extract/data/input_index.py) instead."""
 
@@ -266,10 +275,10 @@ class ProteinInputs:
         return len(self.ids)
 
 
-def read_inputs(paths: Sequence[str | Path]) -> ProteinInputs:
+def read_inputs(paths: Sequence[str | Path], alphabet: Alphabet) -> Records:
     ids: list[str] = []
     sequences: list[str] = []
-    for block in read_blocks(paths):
+    for block in read_blocks(paths, alphabet):
         ids += block.ids.decode().split("\n")[:-1]
         sequences += block.sequences.decode().split(">")[1:]
-    return ProteinInputs(ids, sequences, np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences)))
+    return Records(ids, sequences, np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences)))

@@ -4,8 +4,9 @@ Per row it holds compact arrays, never a Python object: the residues, and the fi
 same normalised sequence (so that identical sequences are computed once). Rank 0 builds it in one pass
 over the inputs and saves it next to the output, in OUT.h5.inputs/: the normalised sequences (so gzip
 inputs are decompressed once), the arrays, the ids, and a manifest with the inputs' sizes and
-modification times. Every rank then reads only its own sequences from there, and a resumed job whose
-inputs have not changed reuses the index without reading them again. The job removes it when complete.
+modification times and the alphabet they were read with. Every rank then reads only its own sequences from
+there, and a resumed job whose inputs and model's alphabet have not changed reuses the index without reading
+them again. The job removes it when complete.
 """
 
 from __future__ import annotations
@@ -130,12 +131,13 @@ def load(directory: Path) -> InputIndex:
                       manifest["digest"], directory)
 
 
-def saved_if_current(paths: Sequence[Path], directory: Path) -> InputIndex | None:
+def saved_if_current(paths: Sequence[Path], alphabet: fasta.Alphabet, directory: Path) -> InputIndex | None:
     """The index saved in `directory` if it was built from `paths` as they are now (same sizes and
-    modification times) and holds all their sequences, else None."""
+    modification times), read with `alphabet`, and holds all their sequences, else None."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
-        if manifest["format"] == FORMAT and manifest["inputs"] == _input_stats(paths):
+        if (manifest["format"] == FORMAT and manifest["inputs"] == _input_stats(paths)
+                and manifest["alphabet"] == _letters(alphabet)):
             index = load(directory)
             if (directory / SEQUENCES).stat().st_size == int((index.lengths + 1).sum()):  # '>' before each
                 return index
@@ -144,15 +146,16 @@ def saved_if_current(paths: Sequence[Path], directory: Path) -> InputIndex | Non
     return None
 
 
-def prepare(paths: Sequence[Path], directory: Path) -> bool:
-    """On rank 0: make sure `directory` holds the index of `paths`; returns whether a saved one was reused."""
-    if saved_if_current(paths, directory):
+def prepare(paths: Sequence[Path], alphabet: fasta.Alphabet, directory: Path) -> bool:
+    """On rank 0: make sure `directory` holds the index of `paths` read with `alphabet`; returns whether a saved
+    one was reused."""
+    if saved_if_current(paths, alphabet, directory):
         return True
     building = directory.with_name(directory.name + ".building")
     try:
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir()
-        build(paths, building)
+        build(paths, alphabet, building)
         for saved in (*building.iterdir(), building):  # durable before a resumed job trusts it
             sync(saved)
         shutil.rmtree(directory, ignore_errors=True)
@@ -190,11 +193,11 @@ class _Reading:
         self.rows += len(block)
 
 
-def build(paths: Sequence[Path], directory: Path | None) -> InputIndex:
-    """Read and validate every input once; with a `directory`, save the index there."""
+def build(paths: Sequence[Path], alphabet: fasta.Alphabet, directory: Path | None) -> InputIndex:
+    """Read and validate every input once against `alphabet`; with a `directory`, save the index there."""
     reading = _Reading()
     with open(directory / SEQUENCES if directory else os.devnull, "wb") as store:
-        for block in fasta.read_blocks(paths):
+        for block in fasta.read_blocks(paths, alphabet):
             reading.add(block)
             store.write(block.sequences)
     ids = IdList(b"".join(reading.ids), reading.rows)
@@ -204,17 +207,21 @@ def build(paths: Sequence[Path], directory: Path | None) -> InputIndex:
     index = InputIndex(np.concatenate(reading.lengths), _representatives(digests), ids,
                        len(ids.blob) - reading.rows, digest, directory)
     if directory:
-        _save(index, paths)
+        _save(index, paths, alphabet)
     return index
 
 
-def _save(index: InputIndex, paths: Sequence[Path]) -> None:
+def _letters(alphabet: fasta.Alphabet) -> str:
+    return "".join(sorted(alphabet.letters))
+
+
+def _save(index: InputIndex, paths: Sequence[Path], alphabet: fasta.Alphabet) -> None:
     directory = index.directory
     np.save(directory / LENGTHS, index.lengths)
     np.save(directory / REPRESENTATIVES, index.representatives)
     (directory / IDS).write_bytes(index.ids.blob)
-    manifest = {"format": FORMAT, "inputs": _input_stats(paths), "digest": index.digest,
-                "rows": len(index), "id_bytes": index.id_bytes}
+    manifest = {"format": FORMAT, "inputs": _input_stats(paths), "alphabet": _letters(alphabet),
+                "digest": index.digest, "rows": len(index), "id_bytes": index.id_bytes}
     (directory / MANIFEST).write_text(json.dumps(manifest))
 
 

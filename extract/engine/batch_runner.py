@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from extract.contract import Embedder
-from extract.engine.planning import plan_batches
+from extract.engine.planning import padded_tokens, plan_batches
 from extract.runtime.device import free_device_memory
 
 
@@ -25,7 +25,7 @@ from extract.runtime.device import free_device_memory
 class RunStats:
     rows: int = 0  # rows computed
     residues: int = 0
-    residues_embedded: int = 0  # residues the model's outputs cover (of a truncated row, the window's)
+    residues_covered: int = 0  # residues the model's outputs cover (of a truncated row, the window's)
     tokens: int = 0  # tokens computed, padding included where the model pads
     split_batches: int = 0  # batches that ran out of memory and were computed in halves
     low_memory_rows: int = 0  # rows computed with the low-memory forward after running out of memory alone
@@ -33,13 +33,13 @@ class RunStats:
 
 
 @dataclass(frozen=True)
-class Rows:
+class InputRows:
     """What the runner knows of the input's rows."""
 
     fetch: Callable[[np.ndarray], list[str]]  # the rows' sequences
     ids: Sequence[str]
     lengths: np.ndarray  # residues per row
-    embedded: np.ndarray  # residues the model's outputs cover per row
+    covered: np.ndarray  # residues the model's outputs cover per row
     tokens: np.ndarray  # tokens of each of a row's model inputs
     model_inputs: np.ndarray  # model inputs per row (e.g. windows of a long protein)
 
@@ -48,7 +48,7 @@ class BatchRunner:
     """Embeds batches of rows and hands their values to `write(rows, values)`; `budget` is the padded-token
     limit, lowered after an out-of-memory error."""
 
-    def __init__(self, model: Embedder, rows: Rows, write: Callable[[np.ndarray, dict[str, np.ndarray]], None],
+    def __init__(self, model: Embedder, rows: InputRows, write: Callable[[np.ndarray, dict[str, np.ndarray]], None],
                  budget: int, log: logging.Logger):
         self.model = model
         self.rows = rows
@@ -77,7 +77,7 @@ class BatchRunner:
         return plan_batches(rows, self.rows.tokens[rows], self.budget, self.rows.model_inputs[rows]).batches
 
     def _padded(self, rows: np.ndarray) -> int:
-        return int(self.rows.tokens[rows].max()) * int(self.rows.model_inputs[rows].sum())
+        return padded_tokens(self.rows.tokens[rows], self.rows.model_inputs[rows])
 
     def _compute(self, rows: np.ndarray, inputs: Any = None) -> None:
         """Compute and write `rows`, from their `inputs` if prepared already."""
@@ -93,7 +93,7 @@ class BatchRunner:
         self.write(rows, values)
         self.stats.rows += rows.size
         self.stats.residues += int(self.rows.lengths[rows].sum())
-        self.stats.residues_embedded += int(self.rows.embedded[rows].sum())
+        self.stats.residues_covered += int(self.rows.covered[rows].sum())
         self.stats.tokens += self.model.computed_tokens(self.rows.tokens[rows], self.rows.model_inputs[rows])
 
     def _split(self, rows: np.ndarray) -> None:

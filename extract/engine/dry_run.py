@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from extract.output import hdf5_file
-from extract.engine.job import Embedder, JobSettings, RowCounts, check_writable, file_layout, file_settings, plan_job, resumable_status
+from extract.contract import Embedder
 from extract.data.input_index import InputIndex
+from extract.engine.job import (JobSettings, RowCounts, check_writable, file_layout, file_settings, plan_job,
+                                resumable_status)
+from extract.output import hdf5_file
 
 
-def describe(inputs: InputIndex, embedder: Embedder, job: JobSettings, world_size: int) -> list[str]:
+def plan_lines(inputs: InputIndex, embedder: Embedder, job: JobSettings, world_size: int) -> list[str]:
     """What a run with these inputs, model and settings would do on `world_size` ranks; the UserError it
     would stop with, if any."""
     check_writable(job)
@@ -42,5 +44,5 @@ def describe(inputs: InputIndex, embedder: Embedder, job: JobSettings, world_siz
         f"{inputs.distinct:,} distinct sequences",
         "settings: " + ", ".join(f"{name} {value}" for name, value in settings.items()),
         f"output: {output}",
-        *plan_job(inputs, RowCounts.of(inputs, embedder), job, done).describe(inputs.lengths, world_size),
+        *plan_job(inputs, RowCounts.of(inputs, embedder), job, done).summary_lines(inputs.lengths, world_size),
     ]

@@ -1,11 +1,9 @@
-"""The engine: plan, run batches, write rows, resume, finish. It does not know which model it runs.
+"""The job: set up or resume the output, plan, run batches, write rows, finish. It does not know which model it
+runs: the model is any `Embedder` (extract/contract.py).
 
-The model is any object with the attributes of `Embedder` below; `prepare` makes a batch's inputs from its
-sequences on the host, `embed` returns from them, per dataset, the batch's rows in batch order (for
-per-token datasets, every record's rows concatenated), and `embed_low_memory` the same for one row with
-less peak memory (the last retry after running out of memory). Batches are read and prepared on a thread
-ahead of the model, and written on another behind it, so the device does not wait for the host.
-Stop requests (signals) are acted on between batches, after the rows written so far are durable.
+Batches are read and made into model inputs (`prepare`) on a thread ahead of the model, and written on
+another behind it, so the device does not wait for the host. Stop requests (signals) are acted on between
+batches, after the rows written so far are durable.
 """
 
 from __future__ import annotations
@@ -28,11 +26,11 @@ from extract.engine import run_report
 from extract.runtime import stopping
 from extract.engine.background import RunAhead, RunBehind
 from extract.contract import Embedder
-from extract.engine.batch_runner import BatchRunner, Rows
+from extract.engine.batch_runner import BatchRunner, InputRows
 from extract.errors import JobError, UserError
 from extract.data.input_index import InputIndex
 from extract.output.hdf5_file import FileLayout, RowDataset, RowWriter
-from extract.engine.planning import Work, concatenated_ranges, plan_work
+from extract.engine.planning import PendingRows, concatenated_ranges, plan_pending_rows
 from extract.engine.run_report import RankStats
 from extract.runtime.identity import RankIdentity
 from extract.runtime.collectives import barrier, gather, leader_decides
@@ -91,8 +89,8 @@ def resumable_status(inputs: InputIndex, embedder: Embedder, job: JobSettings) -
 
 
 def file_layout(inputs: InputIndex, embedder: Embedder, job: JobSettings) -> FileLayout:
-    return FileLayout(inputs.ids, inputs.lengths, embedder.residues_covered(inputs.lengths), embedder.datasets(),
-                      job.storage_dtype, inputs.id_bytes)
+    return FileLayout(ids=inputs.ids, lengths=inputs.lengths, covered=embedder.residues_covered(inputs.lengths),
+                      datasets=embedder.datasets(), storage_dtype=job.storage_dtype, id_bytes=inputs.id_bytes)
 
 
 def check_writable(job: JobSettings) -> None:
@@ -136,7 +134,7 @@ class RowCounts:
 
     tokens: np.ndarray
     inputs: np.ndarray
-    embedded: np.ndarray
+    covered: np.ndarray
 
     @classmethod
     def of(cls, inputs: InputIndex, embedder: Embedder) -> "RowCounts":
@@ -146,23 +144,23 @@ class RowCounts:
                                                              embedder.residues_covered(lengths))))
 
 
-def plan_job(inputs: InputIndex, counts: RowCounts, job: JobSettings, done: np.ndarray) -> Work:
+def plan_job(inputs: InputIndex, counts: RowCounts, job: JobSettings, done: np.ndarray) -> PendingRows:
     """The plan every rank computes alike (and a dry run shows) for the rows whose `done` flag is 0."""
     # Row numbers in 32 bits while they fit: every rank holds several arrays of them as long as the input.
     row = np.int32 if len(inputs) < 2**31 else np.int64
     pending = np.flatnonzero(done == 0).astype(row)
     sources = np.asarray(inputs.representatives, dtype=row) if job.dedupe else None
-    return plan_work(pending, sources, counts.tokens, job.toks_per_batch, counts.inputs)
+    return plan_pending_rows(pending, sources, counts.tokens, job.toks_per_batch, counts.inputs)
 
 
-def _values_for(take: np.ndarray, values: Mapping[str, np.ndarray], token_counts: np.ndarray,
+def _values_for(positions: np.ndarray, values: Mapping[str, np.ndarray], token_counts: np.ndarray,
                 datasets: list[RowDataset]) -> dict[str, np.ndarray]:
-    """A computed batch's values for the rows that take them: row k takes those of batch record `take[k]`
-    (in a per-token dataset, all of that record's `token_counts[take[k]]` rows)."""
+    """A computed batch's values for the rows that take them: row k takes those of the batch's row at
+    `positions[k]` (in a per-token dataset, all of that row's `token_counts[positions[k]]` rows)."""
     per_token = {ds.name for ds in datasets if ds.per_token}
-    token_rows = concatenated_ranges((np.cumsum(token_counts) - token_counts)[take],
-                                     token_counts[take]) if per_token else None
-    return {name: array[token_rows if name in per_token else take] for name, array in values.items()}
+    token_rows = concatenated_ranges((np.cumsum(token_counts) - token_counts)[positions],
+                                     token_counts[positions]) if per_token else None
+    return {name: array[token_rows if name in per_token else positions] for name, array in values.items()}
 
 
 def _compute_rows(identity: RankIdentity, inputs: InputIndex, embedder: Embedder,
@@ -173,43 +171,48 @@ def _compute_rows(identity: RankIdentity, inputs: InputIndex, embedder: Embedder
     with RowWriter(job.out, embedder.datasets()) as writer, inputs.sequences() as store:
         barrier()  # every rank plans from the same /done flags: none writes before all have read them
         counts = RowCounts.of(inputs, embedder)
-        work = plan_job(inputs, counts, job, writer.done)
-        mine = work.plan.for_rank(identity.rank, identity.world_size)
+        pending = plan_job(inputs, counts, job, writer.done)
+        my_batches = pending.plan.for_rank(identity.rank, identity.world_size)
         if identity.is_leader:
-            for line in work.describe(inputs.lengths, identity.world_size):
+            for line in pending.summary_lines(inputs.lengths, identity.world_size):
                 log.info("%s", line)
-        log.info("%d of the batches are this rank's", len(mine))
-        copies = _Copies(work, writer, inputs.lengths, counts.embedded, embedder.datasets())
-        rows = Rows(store.fetch, inputs.ids, np.asarray(inputs.lengths), counts.embedded, counts.tokens,
-                    counts.inputs)
+        log.info("%d of the batches are this rank's", len(my_batches))
+        copies = _Copies(pending, writer, inputs.lengths, counts.covered, embedder.datasets())
+        rows = InputRows(fetch=store.fetch, ids=inputs.ids, lengths=np.asarray(inputs.lengths),
+                         covered=counts.covered, tokens=counts.tokens, model_inputs=counts.inputs)
         # Exits in reverse order: the thread preparing batches stops, every queued write is finished (or its
         # failure raised), and only then does the writer make the done flags durable and close.
         with RunBehind(copies.write, WRITES_QUEUED, "esm-features writes") as writes:
             runner = BatchRunner(embedder, rows, writes.submit, job.toks_per_batch, log)
-            with RunAhead(map(runner.prepare, mine), BATCHES_AHEAD, "esm-features inputs") as batches:
+            with RunAhead(map(runner.prepare, my_batches), BATCHES_AHEAD, "esm-features inputs") as batches:
                 for prepared in batches:
                     stopping.raise_if_requested()
                     runner.run(prepared)
     ran = runner.stats
     log.info("wrote %d rows (%d residues), %d of them computed, in %d batches", copies.rows, copies.residues,
-             ran.rows, len(mine))
-    return RankStats(identity.rank, str(embedder.device), copies.rows, copies.residues, ran.rows, ran.residues,
-                     ran.tokens, ran.residues_embedded, time.monotonic() - started, run_report.peak_host_bytes(),
-                     run_report.peak_device_bytes(embedder.device), ran.split_batches, len(ran.failed_rows),
-                     ran.low_memory_rows, [inputs.ids[row] for row in sorted(ran.failed_rows)])
+             ran.rows, len(my_batches))
+    return RankStats(rank=identity.rank, device=str(embedder.device), rows=copies.rows, residues=copies.residues,
+                     rows_computed=ran.rows, residues_computed=ran.residues, tokens=ran.tokens,
+                     residues_embedded=ran.residues_covered, seconds=time.monotonic() - started,
+                     peak_host_bytes=run_report.peak_host_bytes(),
+                     peak_device_bytes=run_report.peak_device_bytes(embedder.device),
+                     oom_split_batches=ran.split_batches, failed_rows=len(ran.failed_rows),
+                     low_memory_rows=ran.low_memory_rows,
+                     failed_ids=[inputs.ids[row] for row in sorted(ran.failed_rows)])
 
 
 class _Copies:
     """Writes computed rows' values to every pending row that takes them (identical sequences)."""
 
-    def __init__(self, work: Work, writer: RowWriter, lengths: np.ndarray, embedded: np.ndarray,
+    def __init__(self, pending: PendingRows, writer: RowWriter, lengths: np.ndarray, covered: np.ndarray,
                  datasets: list[RowDataset]):
-        self.work, self.writer, self.lengths, self.embedded, self.datasets = work, writer, lengths, embedded, datasets
+        self.pending, self.writer, self.datasets = pending, writer, datasets
+        self.lengths, self.covered = lengths, covered
         self.rows = self.residues = 0
 
     def write(self, computed: np.ndarray, values: Mapping[str, np.ndarray]) -> None:
-        targets, take = self.work.copies(computed)
-        self.writer.write(targets, _values_for(take, values, self.embedded[computed], self.datasets))
+        targets, positions = self.pending.copies(computed)
+        self.writer.write(targets, _values_for(positions, values, self.covered[computed], self.datasets))
         self.rows += targets.size
         self.residues += int(self.lengths[targets].sum())
 

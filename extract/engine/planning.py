@@ -14,7 +14,7 @@ import numpy as np
 @dataclass(frozen=True)
 class Plan:
     batches: list[np.ndarray]  # row numbers, longest first within and across batches
-    batch_tokens: np.ndarray  # padded tokens of each batch: its longest row x its size
+    batch_tokens: np.ndarray  # padded tokens of each batch (`padded_tokens`)
 
     def for_rank(self, rank: int, world_size: int) -> list[np.ndarray]:
         return self.batches[rank::world_size]
@@ -28,6 +28,12 @@ class Plan:
         for batch in self.batches:
             digest.update(np.int64(len(batch)).tobytes() + batch.astype(np.int64).tobytes())
         return digest.hexdigest()
+
+
+def padded_tokens(tokens: np.ndarray, inputs: np.ndarray) -> int:
+    """A batch's cost against the token budget: its longest model input's tokens times its model inputs
+    (`tokens` and `inputs` per row), as if every input were padded to the longest."""
+    return int(tokens.max()) * int(inputs.sum())
 
 
 def plan_batches(rows: np.ndarray, tokens: np.ndarray, toks_per_batch: int, inputs: np.ndarray | None = None) -> Plan:
@@ -49,13 +55,13 @@ def plan_batches(rows: np.ndarray, tokens: np.ndarray, toks_per_batch: int, inpu
         start = max(start + 1, int(np.searchsorted(inputs_before, fits, side="right")) - 1)
     bounds = starts[1:] + [len(rows)]
     batches = [rows[a:b] for a, b in zip(starts, bounds)]
-    batch_tokens = np.array([tokens[a] * (inputs_before[b] - inputs_before[a]) for a, b in zip(starts, bounds)],
+    batch_tokens = np.array([padded_tokens(tokens[a:b], inputs[a:b]) for a, b in zip(starts, bounds)],
                             dtype=np.int64)
     return Plan(batches, batch_tokens)
 
 
 @dataclass(frozen=True)
-class Work:
+class PendingRows:
     """A plan over the rows to compute, one per distinct sequence, and the rows that take their values:
     every pending row takes the values of its source row (itself, or the first row with its sequence)."""
 
@@ -67,12 +73,13 @@ class Work:
     sources: np.ndarray  # the source of each target, ascending
 
     def copies(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The rows that take a computed batch's values, and for each the position in the batch it takes."""
+        """The rows that take a computed batch's values, and for each the position in the batch of the row whose
+        values it takes."""
         first = np.searchsorted(self.sources, batch, "left")
         counts = np.searchsorted(self.sources, batch, "right") - first
         return self.targets[concatenated_ranges(first, counts)], np.repeat(np.arange(len(batch)), counts)
 
-    def describe(self, lengths: np.ndarray, world_size: int) -> list[str]:
+    def summary_lines(self, lengths: np.ndarray, world_size: int) -> list[str]:
         """What the work amounts to, in the words both a dry run and the job's log use."""
         rows, computed = len(self.targets), len(self.computed)
         residues = int(lengths[self.targets].sum())
@@ -105,8 +112,8 @@ def concatenated_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(int(np.sum(counts)))
 
 
-def plan_work(pending: np.ndarray, sources: np.ndarray | None, tokens: np.ndarray, toks_per_batch: int,
-              inputs: np.ndarray | None = None) -> Work:
+def plan_pending_rows(pending: np.ndarray, sources: np.ndarray | None, tokens: np.ndarray, toks_per_batch: int,
+              inputs: np.ndarray | None = None) -> PendingRows:
     """Plan `pending` rows. `sources[row]` is the row whose values `row` takes (identical sequences are
     computed once); None computes every row itself. Row `row` is `inputs[row]` model inputs (default 1)
     of `tokens[row]` tokens each."""
@@ -117,5 +124,5 @@ def plan_work(pending: np.ndarray, sources: np.ndarray | None, tokens: np.ndarra
     computed = pending_sources[np.diff(pending_sources, prepend=-1) != 0]
     tokens, inputs = tokens[computed], np.ones(len(computed), tokens.dtype) if inputs is None else inputs[computed]
     computed_tokens = int(np.dot(tokens.astype(np.int64), inputs))
-    return Work(plan_batches(computed, tokens, toks_per_batch, inputs), toks_per_batch, computed_tokens, computed,
-                targets, pending_sources)
+    return PendingRows(plan=plan_batches(computed, tokens, toks_per_batch, inputs), toks_per_batch=toks_per_batch,
+                       computed_tokens=computed_tokens, computed=computed, targets=targets, sources=pending_sources)

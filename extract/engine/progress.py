@@ -69,7 +69,7 @@ def short_duration(seconds: float | None) -> str:
     return f"{secs}s"
 
 
-def describe(s: Snapshot) -> str:
+def status_line(s: Snapshot) -> str:
     return (f"{s.rows}/{s.total_rows} rows, {short_count(s.residues)}/{short_count(s.total_residues)} residues "
             f"({100 * s.fraction:.0f}%), {short_count(s.residues_per_second)} residues/s, "
             f"ETA {short_duration(s.eta_seconds)}")
@@ -77,7 +77,7 @@ def describe(s: Snapshot) -> str:
 
 def bar(s: Snapshot) -> str:
     filled = int(BAR_WIDTH * s.fraction)
-    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {describe(s)}"
+    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {status_line(s)}"
 
 
 class ProgressWatcher:
@@ -105,14 +105,15 @@ class ProgressWatcher:
         residues = self._residues_done(flags)
         elapsed = time.monotonic() - self._started
         rate = (residues - self._residues_at_start) / elapsed if elapsed > 0 else 0.0
-        return Snapshot(int(np.count_nonzero(flags)), flags.size, residues, int(self._lengths.sum()), rate)
+        return Snapshot(rows=int(np.count_nonzero(flags)), total_rows=flags.size, residues=residues,
+                        total_residues=int(self._lengths.sum()), residues_per_second=rate)
 
     def _report(self, snapshot: Snapshot) -> None:
         if self._as_bar:
             self._stream.write(f"\r{bar(snapshot)}")
             self._stream.flush()
         else:
-            self._log.info("progress: %s", describe(snapshot))
+            self._log.info("progress: %s", status_line(snapshot))
         self._reported = True
 
     def _run(self) -> None:

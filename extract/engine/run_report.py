@@ -27,7 +27,8 @@ class RankStats:
     rows_computed: int  # of them, rows computed; the others took the values of an identical sequence
     residues_computed: int
     tokens: int  # tokens computed (BOS/EOS included, and padding where the model pads batches)
-    residues_embedded: int  # residues those tokens embed: not BOS/EOS, padding, a truncated tail or an overlap
+    # Residues those tokens cover (not BOS/EOS, padding, a truncated tail or an overlap); the report's name.
+    residues_embedded: int
     seconds: float  # time spent computing and writing this rank's batches
     peak_host_bytes: int
     peak_device_bytes: int | None  # None on the CPU

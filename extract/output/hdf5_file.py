@@ -53,13 +53,13 @@ class FileLayout:
 
     ids: Sequence[str]
     lengths: np.ndarray  # residues per record
-    embedded: np.ndarray  # residues per record that its representations cover
+    covered: np.ndarray  # residues per record that its representations cover
     datasets: list[RowDataset]
     storage_dtype: str
     id_bytes: int | None = None  # UTF-8 bytes of all ids; None counts them in `ids`
 
     def rows(self, ds: RowDataset) -> int:
-        return int(self.embedded.sum()) if ds.per_token else len(self.ids)
+        return int(self.covered.sum()) if ds.per_token else len(self.ids)
 
     def planned_bytes(self) -> int:
         """The file's size once written: every dataset plus an allowance for HDF5's own metadata."""
@@ -92,10 +92,10 @@ def create(path: Path, layout: FileLayout, attrs: Mapping) -> None:
                 id_dataset[start : start + IDS_PER_WRITE] = np.array(layout.ids[start : start + IDS_PER_WRITE],
                                                                      dtype=object)
             f.create_dataset("lengths", data=layout.lengths.astype(np.int64))
-            f.create_dataset("truncated", data=(layout.embedded < layout.lengths).astype(np.uint8))
+            f.create_dataset("truncated", data=(layout.covered < layout.lengths).astype(np.uint8))
             f.create_dataset("done", data=np.zeros(len(layout.ids), dtype=np.uint8))
             if any(ds.per_token for ds in layout.datasets):
-                f.create_dataset(TOKEN_OFFSETS, data=np.concatenate([[0], np.cumsum(layout.embedded)]).astype(np.int64))
+                f.create_dataset(TOKEN_OFFSETS, data=np.concatenate([[0], np.cumsum(layout.covered)]).astype(np.int64))
             for ds in layout.datasets:
                 _preallocated(f.require_group(os.path.dirname(ds.name) or "/"), os.path.basename(ds.name),
                               (layout.rows(ds), ds.width), layout.storage_dtype)

@@ -10,7 +10,7 @@ import pytest
 
 from extract import check_output
 from extract.data.fasta import read_inputs
-from jobs import REPO, write_fasta
+from jobs import ESM2_ALPHABET, REPO, write_fasta
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_nan_and_inf_in_done_records_are_reported(capsys, output):
 
 
 def test_ids_other_than_the_fastas_are_reported(capsys, tmp_path, output, capsid_fasta):
-    inputs = read_inputs([capsid_fasta])
+    inputs = read_inputs([capsid_fasta], ESM2_ALPHABET)
     records = list(zip(inputs.ids, inputs.sequences))
     swapped = write_fasta(tmp_path / "swapped.fasta", [records[1], records[0], *records[2:]])
     code, lines, _ = _check(capsys, output, "--fasta", swapped)

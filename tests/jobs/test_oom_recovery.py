@@ -19,7 +19,7 @@ from extract.models.esm2.checkpoints import load_model
 from extract.engine.planning import plan_batches
 from extract.models.pooling import OUTPUTS
 from fair_esm_reference import fair_esm_tokens, fair_esm_windowed, load_fair_esm
-from jobs import phage_sample, write_fasta
+from jobs import ESM2_ALPHABET, phage_sample, write_fasta
 
 LAYERS = [1, 2]
 SINGLE_RANK = RankIdentity(0, 0, 1)
@@ -80,10 +80,11 @@ def _job(tmp_path, records, embedder, budget=2048):
     """The job as `run_job` runs it, in this process: its input index, its output and a way to run it."""
     out = tmp_path / "out.h5"
     index = input_index.directory_for(out)
-    input_index.prepare([write_fasta(tmp_path / "in.fasta", records)], index)
+    input_index.prepare([write_fasta(tmp_path / "in.fasta", records)], ESM2_ALPHABET, index)
     inputs = input_index.load(index)
     log = rank_logger(SINGLE_RANK)
-    run = lambda: run_job(SINGLE_RANK, inputs, embedder, JobSettings(out, budget, False), log, time.monotonic())
+    job = JobSettings(out=out, toks_per_batch=budget, overwrite=False)
+    run = lambda: run_job(SINGLE_RANK, inputs, embedder, job, log, time.monotonic())
     return inputs, out, run
 
 

@@ -136,7 +136,8 @@ def test_planned_size_is_printed_and_covers_the_file(phage_runs, dtype):
         datasets = [hdf5_file.RowDataset(name, ds.shape[1], per_token=name.startswith("per_tok"))
                     for name, ds in _datasets(f) if name.split("/")[0] in ("mean", "bos", "per_tok")
                     and name != "per_tok/offsets"]
-    layout = hdf5_file.FileLayout(ids, lengths, np.where(truncated, 1022, lengths), datasets, dtype)
+    layout = hdf5_file.FileLayout(ids=ids, lengths=lengths, covered=np.where(truncated, 1022, lengths),
+                                  datasets=datasets, storage_dtype=dtype)
     planned = layout.planned_bytes()
     assert f"output {out}: {hdf5_file.format_bytes(planned)} planned" in stderr
     assert os.path.getsize(out) <= planned <= os.path.getsize(out) + 64 * 1024 + 16 * len(ids)

@@ -7,12 +7,12 @@ import h5py
 import pytest
 
 from extract.data.fasta import read_inputs
-from jobs import run_extract
+from jobs import ESM2_ALPHABET, run_extract
 
 
 def test_report_of_a_single_process_run(single_process_run, capsid_fasta):
     report = json.loads(single_process_run.report.read_text())
-    inputs = read_inputs([capsid_fasta])
+    inputs = read_inputs([capsid_fasta], ESM2_ALPHABET)
     assert report["status"] == "complete" and report["out"] == str(single_process_run.out)
     (rank,) = report["ranks"]
     total = report["total"]

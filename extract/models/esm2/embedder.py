@@ -95,6 +95,9 @@ class Esm2Embedder:
             "compute_dtype": dtype_name(self.dtype),
         }
 
+    def run_context(self) -> dict:
+        return {"compute_dtype_reason": self.dtype_reason}
+
     def describe(self) -> str:
         weights = " (random weights)" if self.loaded.random_weights else ""
         revision = f"@{self.loaded.revision}" if self.loaded.revision else ""

@@ -9,7 +9,7 @@ from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from extract.data import fasta
 from extract.errors import UserError
-from jobs import random_proteins, write_fasta
+from jobs import ESM2_ALPHABET, random_proteins, write_fasta
 
 MESSY = (
     "\n  \n>first protein\tkinase  \r\nmkv*\r\n"
@@ -25,7 +25,7 @@ CLEAN = [("first", "MKV"), ("second", "ACDEFGHIKLMNPQR"), ("third", "XBZUO"), ("
 
 def _records(paths, block_bytes=fasta.BLOCK_BYTES):
     records = []
-    for block in fasta.read_blocks(paths, block_bytes):
+    for block in fasta.read_blocks(paths, ESM2_ALPHABET, block_bytes):
         ends = np.cumsum(block.lengths + 1)
         sequences = [block.sequences[a:b].decode() for a, b in zip(ends - block.lengths, ends)]
         assert block.sequences[:1] in (b">", b"") and block.sequences.count(b">") == len(block)
@@ -56,7 +56,7 @@ def test_numbers_records_per_file_across_blocks(tmp_path):
     bad = tmp_path / "bad.fasta"
     bad.write_text("".join(f">r{i}\nMKV\n" for i in range(1, 30)) + ">r30 x\nMK-V\n>r31\nMKV\n")
     with pytest.raises(UserError) as err:
-        list(fasta.read_blocks([good, bad], 50))
+        list(fasta.read_blocks([good, bad], ESM2_ALPHABET, 50))
     assert str(err.value) == f"{bad}: record 30 (r30): character(s) '-' not in the ESM-2 protein alphabet"
     assert err.value.exit_code == 2
 
@@ -86,18 +86,18 @@ def test_bad_input_is_refused_with_one_line(tmp_path, content, problem):
     path = tmp_path / "in.fasta"
     path.write_bytes(content.encode("latin-1") if "\x89" in content else content.encode())
     with pytest.raises(UserError) as err:
-        list(fasta.read_blocks([path]))
+        list(fasta.read_blocks([path], ESM2_ALPHABET))
     assert str(err.value) == f"{path}: {problem}"
     assert err.value.exit_code == 2
 
 
 def test_missing_file_and_truncated_gzip(tmp_path):
     with pytest.raises(UserError, match=f"^{tmp_path}/nothing.fasta: no such file$") as err:
-        list(fasta.read_blocks([tmp_path / "nothing.fasta"]))
+        list(fasta.read_blocks([tmp_path / "nothing.fasta"], ESM2_ALPHABET))
     assert err.value.exit_code == 2
     path = tmp_path / "cut.fasta.gz"
     path.write_bytes(gzip.compress(b">a\nMKV\n" * 10000)[:-20])
     with pytest.raises(UserError) as err:
-        list(fasta.read_blocks([path]))
+        list(fasta.read_blocks([path], ESM2_ALPHABET))
     assert str(err.value).startswith(f"{path}: the gzip stream is truncated or corrupt (")
     assert err.value.exit_code == 2

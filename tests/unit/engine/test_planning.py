@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from extract.engine.planning import plan_batches, plan_work
+from extract.engine.planning import plan_batches, plan_pending_rows
 
 
 def _plan(seed=0, rows=500, budget=4096):
@@ -46,8 +46,8 @@ def test_ranks_token_totals_within_one_batch(world_size):
 def test_batch_b_goes_to_rank_b_mod_world_size():
     plan, _ = _plan()
     for rank in range(3):
-        mine = plan.for_rank(rank, 3)
-        assert [b.tolist() for b in mine] == [b.tolist() for b in plan.batches[rank::3]]
+        rank_batches = plan.for_rank(rank, 3)
+        assert [b.tolist() for b in rank_batches] == [b.tolist() for b in plan.batches[rank::3]]
 
 
 def test_same_plan_however_often_computed():
@@ -85,11 +85,11 @@ def test_windowed_rows_stay_within_budget_and_each_in_one_batch():
         assert padded <= 4096 or batch.size == 1
 
 
-def _copies_of(work):
-    """Every row the work writes, with the row whose computed values it takes."""
+def _copies_of(pending):
+    """Every row the pending writes, with the row whose computed values it takes."""
     written = {}
-    for batch in work.plan.batches:
-        rows, taken = work.copies(batch)
+    for batch in pending.plan.batches:
+        rows, taken = pending.copies(batch)
         for row, source in zip(rows.tolist(), batch[taken].tolist()):
             assert row not in written
             written[row] = source
@@ -99,37 +99,37 @@ def _copies_of(work):
 def test_identical_sequences_are_planned_once_and_copied_to_every_row():
     sources = np.array([0, 1, 0, 3, 1, 0, 6, 3])
     tokens = np.array([50, 40, 50, 30, 40, 50, 20, 30])
-    work = plan_work(np.arange(8), sources, tokens, 100)
-    assert sorted(np.concatenate(work.plan.batches).tolist()) == [0, 1, 3, 6] == work.computed.tolist()
-    assert _copies_of(work) == {row: int(sources[row]) for row in range(8)}
-    assert work.plan.batch_tokens.sum() == 50 * 2 + 30 * 2  # [0, 1] then [3, 6]
+    pending = plan_pending_rows(np.arange(8), sources, tokens, 100)
+    assert sorted(np.concatenate(pending.plan.batches).tolist()) == [0, 1, 3, 6] == pending.computed.tolist()
+    assert _copies_of(pending) == {row: int(sources[row]) for row in range(8)}
+    assert pending.plan.batch_tokens.sum() == 50 * 2 + 30 * 2  # [0, 1] then [3, 6]
 
 
 def test_rows_whose_source_is_done_still_take_its_values():
     sources = np.array([0, 1, 0, 3, 1, 0])
-    work = plan_work(np.array([2, 4, 5]), sources, np.full(6, 10), 100)
-    assert work.computed.tolist() == [0, 1]
-    assert _copies_of(work) == {2: 0, 4: 1, 5: 0}
+    pending = plan_pending_rows(np.array([2, 4, 5]), sources, np.full(6, 10), 100)
+    assert pending.computed.tolist() == [0, 1]
+    assert _copies_of(pending) == {2: 0, 4: 1, 5: 0}
 
 
 def test_without_sources_every_row_computes_itself():
     tokens = np.array([5, 9, 7, 3])
-    work = plan_work(np.array([0, 2, 3]), None, tokens, 12)
-    assert _copies_of(work) == {0: 0, 2: 2, 3: 3}
-    assert [b.tolist() for b in work.plan.batches] == [b.tolist() for b in plan_batches(np.array([0, 2, 3]),
+    pending = plan_pending_rows(np.array([0, 2, 3]), None, tokens, 12)
+    assert _copies_of(pending) == {0: 0, 2: 2, 3: 3}
+    assert [b.tolist() for b in pending.plan.batches] == [b.tolist() for b in plan_batches(np.array([0, 2, 3]),
                                                                                          tokens[[0, 2, 3]], 12).batches]
 
 
 def test_nothing_pending_plans_nothing():
-    work = plan_work(np.empty(0, np.int64), np.arange(4), np.full(4, 10), 100)
-    assert work.plan.batches == [] and work.computed.size == 0
-    assert work.describe(np.full(4, 8), 2)[0] == "rows: 0 to write, 0 residues"
+    pending = plan_pending_rows(np.empty(0, np.int64), np.arange(4), np.full(4, 10), 100)
+    assert pending.plan.batches == [] and pending.computed.size == 0
+    assert pending.summary_lines(np.full(4, 8), 2)[0] == "rows: 0 to write, 0 residues"
 
 
 def test_the_description_counts_the_batches_of_one_protein_longer_than_the_budget():
     tokens = np.array([30, 250, 40, 120, 20])  # rows 1 and 3 are longer than 100 tokens
-    work = plan_work(np.arange(5), None, tokens, 100)
-    batches_line = work.describe(tokens - 2, 1)[2]
+    pending = plan_pending_rows(np.arange(5), None, tokens, 100)
+    batches_line = pending.summary_lines(tokens - 2, 1)[2]
     assert batches_line.startswith("batches: 4 of <= 100 padded tokens (2 of them one protein longer than that, "
                                    "alone), 470 in all (")
-    assert "longer than that" not in plan_work(np.arange(5), None, tokens, 300).describe(tokens - 2, 1)[2]
+    assert "longer than that" not in plan_pending_rows(np.arange(5), None, tokens, 300).summary_lines(tokens - 2, 1)[2]

@@ -34,10 +34,10 @@ def log():
 def test_a_report_line_says_rows_residues_rate_and_eta():
     snapshot = progress.Snapshot(rows=1200, total_rows=5000, residues=340_000, total_residues=1_200_000,
                                  residues_per_second=2300.0)
-    assert progress.describe(snapshot) == "1200/5000 rows, 340.0k/1.2M residues (28%), 2.3k residues/s, ETA 6m14s"
+    assert progress.status_line(snapshot) == "1200/5000 rows, 340.0k/1.2M residues (28%), 2.3k residues/s, ETA 6m14s"
     assert progress.bar(snapshot).startswith("[########" + "." * 22 + "] 1200/5000 rows")
-    stalled = progress.Snapshot(0, 10, 0, 100, 0.0)
-    assert progress.describe(stalled).endswith("0 residues/s, ETA ?")
+    stalled = progress.Snapshot(rows=0, total_rows=10, residues=0, total_residues=100, residues_per_second=0.0)
+    assert progress.status_line(stalled).endswith("0 residues/s, ETA ?")
     assert [progress.short_duration(s) for s in (59, 3600 * 5 + 61, 86400 * 2 + 3600)] == ["59s", "5h01m", "2d01h"]
 
 
@@ -46,7 +46,8 @@ def test_rows_written_show_up_and_no_line_comes_before_the_interval(tmp_path, lo
     out = tmp_path / "out.h5"
     lengths = np.arange(1, 11) * 10
     datasets = [RowDataset("mean/layer_1", 4)]
-    layout = hdf5_file.FileLayout([f"p{i}" for i in range(10)], lengths, lengths, datasets, "float32")
+    layout = hdf5_file.FileLayout(ids=[f"p{i}" for i in range(10)], lengths=lengths, covered=lengths, datasets=datasets,
+                                  storage_dtype="float32")
     hdf5_file.create(out, layout, {"tool": hdf5_file.TOOL})
     writer = RowWriter(out, datasets)
     watcher = progress.ProgressWatcher(out, lengths, 3600, logger, io.StringIO())
