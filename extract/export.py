@@ -30,7 +30,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from extract.engine.progress import BAR_SECONDS, Snapshot, bar, describe  # noqa: E402
+from extract.engine.progress import BAR_SECONDS, Snapshot, bar, status_line  # noqa: E402
 from extract.errors import JobError, UserError  # noqa: E402
 from extract.output import hdf5_file  # noqa: E402
 
@@ -165,7 +165,7 @@ class _Progress:
         if self._as_bar:
             self._stream.write(f"\r{bar(snapshot)}")
         else:
-            self._stream.write(f"{time.strftime('%H:%M:%S')} export: {describe(snapshot)}\n")
+            self._stream.write(f"{time.strftime('%H:%M:%S')} export: {status_line(snapshot)}\n")
         self._stream.flush()
 
     def finish(self) -> None:

@@ -45,6 +45,7 @@ from extract.runtime.device import CPUINFO, choose_dtype, cpu_capabilities, dtyp
 from launch import benchmark_peers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+ESM2_ALPHABET = Alphabet(Esm2Embedder.alphabet, Esm2Embedder.alphabet_name)
 FAIR_ESM, OURS = "fair-esm", "esm-features"
 
 
@@ -115,7 +116,7 @@ def prepare(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, dict]:
     model, model_path = shape_only.model, workdir / f"{shape_only.name}.pt"
     if not model_path.exists():
         torch.save(fair_esm_checkpoint(load_model(args.model).model), model_path)
-    inputs = read_inputs([args.fasta], Alphabet(Esm2Embedder.alphabet, Esm2Embedder.alphabet_name))
+    inputs = read_inputs([args.fasta], ESM2_ALPHABET)
     count = len(inputs) if args.limit is None else min(args.limit, len(inputs))
     fasta = workdir / "proteins.fasta"
     with open(fasta, "w") as out:
@@ -311,7 +312,7 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
         for tool in tools:
             runs[tool].append(run_ours(args, model_path, fasta, workdir) if tool == OURS else
                               run_worker(tool, args, fasta, workdir, options[tool]))
-    ids = read_inputs([fasta]).ids
+    ids = read_inputs([fasta], ESM2_ALPHABET).ids
     reference = mean_embeddings(FAIR_ESM, runs[FAIR_ESM][-1], ids, shape["layers"])
     rows = {tool: _row(tool_name(tool, args, dtype), runs[tool], shape, peak) for tool in tools}
     for tool, row in rows.items():
