@@ -1,5 +1,5 @@
-"""Starting jobs the way clusters do, from tests: the launcher, and the Slurm templates through the
-stand-in sbatch/srun/scontrol in tests/fake_slurm."""
+"""Starting jobs the way clusters do, from tests: the launcher's environment, waiting for a job's first rows,
+and finding what is left of a job."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from jobs import FP32, REPO, clean_env
 
 # Small batches, so that even 16 short proteins take several; progress reports every 50 ms.
 SMALL_JOB_FLAGS = ("--include", "mean", "per_tok", "--toks-per-batch", "500", "--progress-seconds", "0.05", *FP32)
-FAKE_SLURM = Path(__file__).resolve().parent / "fake_slurm"
 LOCAL_LAUNCHER = REPO / "launch" / "local.sh"
 
 
@@ -35,38 +34,24 @@ def launch_env(**settings) -> dict:
     return env
 
 
-def slurm_env(state_dir: Path, **settings) -> dict:
-    """The environment of a user submitting from anywhere, with the stand-in Slurm commands on PATH."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    env = launch_env(FAKE_SLURM_DIR=state_dir, ESM_FEATURES_DIR=REPO, RDZV_PORT=free_port(), **settings)
-    env["PATH"] = f"{FAKE_SLURM}{os.pathsep}{env['PATH']}"
-    return env
-
-
-def sbatch_command(template: str, *options, script_args: tuple = ()) -> list[str]:
-    """`sbatch OPTIONS slurm/TEMPLATE SCRIPT_ARGS`."""
-    return [str(FAKE_SLURM / "sbatch"), *map(str, options), str(REPO / "slurm" / template), *map(str, script_args)]
-
-
-def sbatch(template: str, env: dict, cwd: Path, *options, script_args: tuple = (),
-           timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(sbatch_command(template, *options, script_args=script_args), env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for_rows(out: Path, job: subprocess.Popen, timeout: float = 240) -> int:
-    """Wait until some rows of `out` are done (read as rank 0's progress does), or the job ends."""
-    deadline = time.monotonic() + timeout
-    while not out.exists():
-        assert job.poll() is None and time.monotonic() < deadline, "the job ended before creating its output"
-        time.sleep(0.02)
+def rows_done(out: Path) -> int:
+    """How many rows of `out` are done so far, read as rank 0's progress does (0 before it exists)."""
+    if not out.exists():
+        return 0
     flags = DoneFlags(out)
     try:
-        while (done := int(flags.read().sum())) == 0:
-            assert job.poll() is None and time.monotonic() < deadline, "the job ended before writing a row"
-            time.sleep(0.02)
+        return int(flags.read().sum())
     finally:
         flags.close()
+
+
+def wait_for_rows(out: Path, job, timeout: float = 240) -> int:
+    """Wait until some rows of `out` are done, or the job ends: `job` is a subprocess.Popen or anything else
+    whose poll() is None while it runs (a Slurm job of tests/real_slurm)."""
+    deadline = time.monotonic() + timeout
+    while (done := rows_done(out)) == 0:
+        assert job.poll() is None and time.monotonic() < deadline, "the job ended before writing a row"
+        time.sleep(0.02)
     return done
 
 
@@ -80,6 +65,20 @@ def processes_mentioning(text: str) -> list[str]:
             continue
         if text in command:
             found.append(command)
+    return found
+
+
+def worker_pids(out: Path) -> list[int]:
+    """Process ids of the ranks (torchrun's workers, not the agents) of a job writing `out`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if str(out) in words and any(w.endswith("esm_features.py") for w in words) and \
+                not any(w.endswith("torchrun_agent.py") for w in words):
+            found.append(int(cmdline.parent.name))
     return found
 
 

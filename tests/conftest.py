@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ from extract.models.esm2.checkpoints import build_random_esm2, fair_esm_checkpoi
 from jobs import clean_env, extract_command, write_fasta
 from launch import make_proteins
 from long_job import LongJob
+from real_slurm import Cluster, missing_reason
 
 # The real phage proteins, beside the checkout (or where ESM_FEATURES_PHAGE_DIR says, e.g. on a GPU machine).
 # Where they are not (a fresh clone), stand-ins of the files the tests read take their place; pointing
@@ -94,6 +96,22 @@ def single_process_run(tmp_path_factory, tiny_model_path, capsid_fasta) -> Simpl
 def long_job(tmp_path_factory, tiny_model_path) -> LongJob:
     """Hundreds of one-row batches to interrupt, with the uninterrupted result to compare against."""
     return LongJob.prepare(tmp_path_factory.mktemp("long_job"), tiny_model_path)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory) -> Cluster:
+    """A real Slurm cluster on this machine, two nodes (tests/real_slurm.py); skips where Slurm is not installed."""
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    # A SIGTERM to the test run (a CI time limit) ends it as Ctrl-C does, so that the cluster is stopped.
+    on_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    cluster = Cluster.start(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 @pytest.fixture
