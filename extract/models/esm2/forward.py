@@ -219,8 +219,8 @@ def _encode(model: ESM2, x: torch.Tensor, layers: set[int], attend: Attend) -> d
 
 def _transformer_layer(layer: TransformerLayer, x: torch.Tensor, attend: Attend) -> torch.Tensor:
     """fair-esm's pre-norm layer; `attend` maps q, k and v rows to attention context rows. fair-esm scales q
-    before the rotation, SDPA scales the scores after it: the same head_dim ** -0.5. (One matmul of the
-    three projections stacked measured no faster, and stacking them costs a copy of their weights.)"""
+    before the rotation, SDPA scales the scores after it: the same head_dim ** -0.5. The three projections stay
+    apart: stacking them would copy their weights (docs/benchmarks.md has the measurements)."""
     attention = layer.self_attn
     normed = _layer_norm(layer.self_attn_layer_norm, x)
     q, k, v = (F.linear(normed, p.weight, p.bias) for p in (attention.q_proj, attention.k_proj, attention.v_proj))
