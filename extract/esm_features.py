@@ -28,7 +28,7 @@ from extract.output.hdf5_file import STORAGE_DTYPES  # noqa: E402
 from extract.runtime import collectives  # noqa: E402
 from extract.runtime.device import DTYPES, agreed_dtype, choose_dtype  # noqa: E402
 
-REPORTED_PACKAGES = ("torch", "fair-esm", "h5py", "numpy", "biopython")
+REPORTED_PACKAGES = ("torch", "fair-esm", "h5py", "numpy", "biopython", "safetensors")
 
 
 # fair-esm extract's spellings of our options, accepted as the same options

@@ -38,7 +38,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from extract.data.fasta import Alphabet, read_inputs  # noqa: E402
-from extract.models.esm2.checkpoints import RANDOM_PREFIX, fair_esm_checkpoint, load_model  # noqa: E402
+from extract.errors import UserError  # noqa: E402
+from extract.models.esm2.checkpoints import (  # noqa: E402
+    RANDOM_PREFIX, fair_esm_checkpoint, load_model, read_fair_esm_checkpoint)
 from extract.models.esm2.embedder import Esm2Embedder  # noqa: E402
 from extract.reading import Embeddings  # noqa: E402
 from extract.runtime.device import CPUINFO, choose_dtype, cpu_capabilities, dtype_name  # noqa: E402
@@ -78,7 +80,7 @@ def fair_esm_extract(args: argparse.Namespace) -> dict:
     import esm
     from esm.data import FastaBatchedDataset
 
-    data = torch.load(args.fair_esm_worker, map_location="cpu", weights_only=False)
+    data = read_fair_esm_checkpoint(args.fair_esm_worker)
     model, alphabet = esm.pretrained.load_model_and_alphabet_core("esm2", data)
     model = model.eval().to(args.device)
     dataset = FastaBatchedDataset.from_file(args.fasta)
@@ -338,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.model is None:
         create_parser().error("--model is required")
-    benchmark(args)
+    try:
+        benchmark(args)
+    except UserError as err:  # an unusable --model or --fasta: one line, as the job says it
+        sys.stderr.write(f"benchmark: {err.prefix}{err}\n")
+        return err.exit_code
     return 0
 
 

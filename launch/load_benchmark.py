@@ -30,7 +30,8 @@ import torch  # noqa: E402
 from esm.model.esm2 import ESM2  # noqa: E402
 from esm.rotary_embedding import RotaryEmbedding  # noqa: E402
 
-from extract.models.esm2.checkpoints import ESM2_ARCHITECTURES, fair_esm_checkpoint, load_model  # noqa: E402
+from extract.models.esm2.checkpoints import (  # noqa: E402
+    ESM2_ARCHITECTURES, fair_esm_checkpoint, load_model, read_fair_esm_checkpoint)
 
 READ_CHUNK = 64 << 20
 CONTACT_REGRESSION = ("contact_head.regression.weight", "contact_head.regression.bias")
@@ -95,13 +96,14 @@ def measure(kind: str, path: Path, device: torch.device) -> float:
 
 
 def fair_esm_load(path: Path) -> ESM2:
-    """fair-esm's loader as its `load_model_and_alphabet_local` runs it, except the file is memory-mapped:
-    read whole, a 3B file and the fp32 model it fills would not both fit in this machine's memory."""
+    """fair-esm's loader as its `load_model_and_alphabet_local` runs it, except the file is read by our
+    weights-only reader (no code from the file runs), which memory-maps it: read whole, a 3B file and the
+    fp32 model it fills would not both fit in this machine's memory."""
     import esm
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no contact-regression weights
-        data = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+        data = read_fair_esm_checkpoint(path)
         return esm.pretrained.load_model_and_alphabet_core(path.stem, data)[0]
 
 

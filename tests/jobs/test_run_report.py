@@ -36,7 +36,7 @@ def test_report_of_a_single_process_run(single_process_run, capsid_fasta):
     assert (report["settings"]["repr_layers"], report["settings"]["include"]) == ([2], ["mean", "per_tok"])
     assert report["settings"]["world_size"] == 1 and report["settings"]["toks_per_batch"] == 500
     assert report["arguments"][report["arguments"].index("--toks-per-batch") + 1] == "500"
-    for package in ("torch", "fair-esm", "h5py", "numpy", "biopython"):
+    for package in ("torch", "fair-esm", "h5py", "numpy", "biopython", "safetensors"):
         assert report["versions"][package] == importlib.metadata.version(package)
     assert stored == {k: v for k, v in report.items() if k not in ("status", "out")}
 

@@ -98,7 +98,8 @@ def fetch_hub_checkpoint(name: str) -> Path:
     return path
 
 
-def _read_checkpoint(path: Path) -> dict:
+def read_fair_esm_checkpoint(path: Path) -> dict:
+    """A fair-esm `.pt` checkpoint's dict (its `cfg`, `model`, ...), read without running code from the file."""
     data = load_pickled(path, allowed=[Namespace])  # fair-esm keeps its settings in an argparse Namespace
     if not (isinstance(data, dict) and "cfg" in data and "model" in data):
         raise UserError(f"model {path}: not a fair-esm ESM-2 checkpoint (no 'cfg' and 'model')")
@@ -108,7 +109,7 @@ def _read_checkpoint(path: Path) -> dict:
 def _load_checkpoint_file(path: Path, device: torch.device, dtype: torch.dtype) -> ESM2:
     """fair-esm's ESM-2 with the file's weights, each tensor converted once, straight into `dtype` on
     `device` (`weight_placement`): fp32 on the CPU uses the memory-mapped file's pages as they are."""
-    data = _read_checkpoint(path)
+    data = read_fair_esm_checkpoint(path)
     try:
         with ParametersOnMeta():  # fair-esm's own ESM-2 construction and state-dict upgrade
             model, _, state = esm.pretrained._load_model_and_alphabet_core_v2(data)
