@@ -30,6 +30,12 @@ def clean_env() -> dict:
     return env
 
 
+def job_args(model, fasta: Path | list[Path], out: Path, *extra) -> list[str]:
+    """The command's arguments embedding `fasta` (one path or a list) with `model` into `out`, then `extra`."""
+    files = fasta if isinstance(fasta, (list, tuple)) else [fasta]
+    return [str(a) for a in ("--model", model, "--fasta", *files, "--out", out, *extra)]
+
+
 def extract_command(args: list, nproc: int | None = None, script: Path = SCRIPT) -> list[str]:
     """`python extract/esm_features.py ARGS` (or another `script`), or under `torchrun --standalone` with
     `nproc` ranks (in fp32 unless ARGS name a --dtype)."""

@@ -7,7 +7,7 @@ import h5py
 import pytest
 
 from extract.data.fasta import read_inputs
-from jobs import ESM2_ALPHABET, run_extract
+from jobs import ESM2_ALPHABET, job_args, run_extract
 
 
 def test_report_of_a_single_process_run(single_process_run, capsid_fasta):
@@ -47,7 +47,7 @@ def test_a_report_that_cannot_be_written_is_refused_before_any_work(tmp_path, ti
                                                                      problem):
     out, report = tmp_path / "out.h5", tmp_path / where
     (tmp_path / "a_dir").mkdir()
-    done = run_extract(["--model", tiny_model_path, "--fasta", capsid_fasta, "--out", out, "--report", report])
+    done = run_extract(job_args(tiny_model_path, capsid_fasta, out, "--report", report))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (f"esm_features: error: --report {report}: "
                                                     f"{problem.format(parent=report.parent)}")

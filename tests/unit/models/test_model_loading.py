@@ -26,9 +26,9 @@ def _mapped_ranges(path) -> list[tuple[int, int]]:
     return [tuple(int(address, 16) for address in f[0].split("-")) for f in fields if f[-1] == str(path)]
 
 
-def test_fp32_load_gives_fair_esm_loaders_weights(tiny_model_path):
+def test_fp32_load_gives_fair_esm_loaders_weights(tiny_model_path, fair_esm_tiny):
     ours = load_model(str(tiny_model_path)).model
-    theirs, _ = load_fair_esm(tiny_model_path)
+    theirs, _ = fair_esm_tiny
     _assert_same_state(ours.state_dict(), theirs.state_dict())
     assert ours.embed_tokens.weight is ours.lm_head.weight  # tied, as in fair-esm's module
     assert not ours.training
