@@ -11,6 +11,7 @@ from pathlib import Path
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from extract.data.fasta import Alphabet
+from extract.esm_features import main
 from extract.models.esm2.embedder import Esm2Embedder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +51,12 @@ def run_extract(args: list, nproc: int | None = None, timeout: float = 300, extr
                 script: Path = SCRIPT, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(extract_command(args, nproc, script), env={**clean_env(), **(extra_env or {})},
                           capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def run_in_process(args: list) -> int:
+    """The command's `main(ARGS)` in this process, in fp32 as `extract_command` runs it: a job whose point is
+    not its process, without the start of one."""
+    return main([*FP32, *args])
 
 
 def process_tree(pid: int) -> list[int]:

@@ -9,7 +9,7 @@ import pytest
 
 from extract.output import hdf5_file
 from fair_esm_reference import fair_esm_means
-from jobs import job_args, phage_sample, random_proteins, run_extract, write_fasta
+from jobs import job_args, phage_sample, random_proteins, run_extract, run_in_process, write_fasta
 from output_checks import read_all
 
 
@@ -61,8 +61,7 @@ def test_output_layout_and_attributes(tmp_path, tiny_model_path):
     records = random_proteins(12, seed=3)
     fasta = write_fasta(tmp_path / "in.fasta", records)
     out = tmp_path / "out.h5"
-    done = run_extract(job_args(tiny_model_path, [fasta], out, "--repr-layers", "-1", "1"))
-    assert done.returncode == 0, done.stderr
+    assert run_in_process(job_args(tiny_model_path, [fasta], out, "--repr-layers", "-1", "1")) == 0
     with h5py.File(out, "r") as f:
         assert set(f) == {"ids", "lengths", "truncated", "done", "mean"}
         assert set(f["mean"]) == {"layer_2", "layer_1"}
@@ -81,20 +80,19 @@ def test_output_layout_and_attributes(tmp_path, tiny_model_path):
     assert attrs["tool"].startswith("esm-features") and len(attrs["fingerprint"]) == 64
 
 
-def test_random_weights_are_recorded(tmp_path):
+def test_random_weights_are_recorded(tmp_path, capsys):
     fasta = write_fasta(tmp_path / "in.fasta", random_proteins(3, seed=4, max_len=40))
     out = tmp_path / "out.h5"
-    done = run_extract(job_args("random:esm2_t6_8M_UR50D", [fasta], out))
-    assert done.returncode == 0, done.stderr
+    assert run_in_process(job_args("random:esm2_t6_8M_UR50D", [fasta], out)) == 0
     _, attrs = read_all(out)
     assert attrs["model"] == "esm2_t6_8M_UR50D" and attrs["random_weights"]
-    assert "(random weights)" in done.stderr
+    assert "(random weights)" in capsys.readouterr().err
 
 
 def test_status_stays_incomplete_until_every_row_is_done(tmp_path, tiny_model_path):
     fasta = write_fasta(tmp_path / "in.fasta", random_proteins(6, seed=5))
     out = tmp_path / "out.h5"
-    assert run_extract(job_args(tiny_model_path, [fasta], out)).returncode == 0
+    assert run_in_process(job_args(tiny_model_path, [fasta], out)) == 0
     with h5py.File(out, "r+") as f:  # as if a rank died before writing its last row
         f["done"][3] = 0
         f.attrs["status"] = hdf5_file.INCOMPLETE
@@ -103,20 +101,30 @@ def test_status_stays_incomplete_until_every_row_is_done(tmp_path, tiny_model_pa
     assert attrs["status"] == "incomplete"
 
 
-@pytest.mark.parametrize("flag, message, env", [
-    (["--repr-layers", "7"], "--repr-layers 7: the model has layers 0 to 2 (or -3 to -1 counted from the end)", {}),
-    (["--model", "no_such_model.pt"], "model no_such_model.pt: no such file", {}),
-    (["--progress-seconds", "inf"], "argument --progress-seconds: 'inf' is not a positive number of seconds", {}),
-    ([], "environment: cannot join the process group (Error initializing torch.distributed using env:// rendezvous: "
-         "environment variable MASTER_ADDR expected, but not set); start with torchrun",
-     {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}),
-], ids=["layer", "model", "progress", "no-rendezvous"])
-def test_usage_errors_are_one_line_and_exit_2(tmp_path, tiny_model_path, flag, message, env):
+@pytest.mark.parametrize("flag, message", [
+    (["--repr-layers", "7"], "--repr-layers 7: the model has layers 0 to 2 (or -3 to -1 counted from the end)"),
+    (["--model", "no_such_model.pt"], "model no_such_model.pt: no such file"),
+    (["--progress-seconds", "inf"], "argument --progress-seconds: 'inf' is not a positive number of seconds"),
+], ids=["layer", "model", "progress"])
+def test_usage_errors_are_one_line_and_exit_2(tmp_path, tiny_model_path, capsys, flag, message):
     fasta = write_fasta(tmp_path / "in.fasta", random_proteins(2))
     out = tmp_path / "out.h5"
-    done = run_extract(job_args(tiny_model_path, [fasta], out, *flag), extra_env=env)
+    assert run_in_process(job_args(tiny_model_path, [fasta], out, *flag)) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"esm_features: error: {message}")
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_rank_without_a_rendezvous_is_one_line_and_exits_2(tmp_path, tiny_model_path):
+    fasta = write_fasta(tmp_path / "in.fasta", random_proteins(2))
+    out = tmp_path / "out.h5"
+    done = run_extract(job_args(tiny_model_path, [fasta], out),
+                       extra_env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"})
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith(f"esm_features: error: {message}")
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "esm_features: error: environment: cannot join the process group (Error initializing torch.distributed "
+        "using env:// rendezvous: environment variable MASTER_ADDR expected, but not set); start with torchrun")
     assert "Traceback" not in done.stderr
     assert not out.exists()
 
@@ -129,8 +137,8 @@ def test_reference_attention_gives_fair_esm_numbers_too(tmp_path, tiny_model_pat
     real_tokens = sum(len(seq) + 2 for _, seq in records)
     for attention in ("fast", "reference"):
         out, report = tmp_path / f"{attention}.h5", tmp_path / f"{attention}.json"
-        done = run_extract(job_args(tiny_model_path, [fasta], out, "--attention", attention, "--report", report))
-        assert done.returncode == 0, done.stderr
+        assert run_in_process(job_args(tiny_model_path, [fasta], out, "--attention", attention, "--report",
+                                       report)) == 0
         data, _ = read_all(out)
         assert np.abs(data["mean/layer_2"] - expected).max() <= 1e-4, attention
         tokens = json.loads(report.read_text())["total"]["tokens"]
