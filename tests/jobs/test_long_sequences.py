@@ -7,7 +7,7 @@ import pytest
 
 from extract.models.long_sequences import LongSequencePolicy
 from fair_esm_reference import fair_esm_windowed, most_central_window
-from jobs import AMINO_ACIDS, job_args, phage_sample, run_extract, write_fasta
+from jobs import AMINO_ACIDS, job_args, phage_sample, run_extract, run_in_process, write_fasta
 from output_checks import read_all
 
 ALL_OUTPUTS = ["--include", "mean", "bos", "per_tok", "--repr-layers", "0", "-1"]
@@ -71,9 +71,8 @@ def synthetic_runs(tmp_path_factory, tiny_model_path):
     for mode in ("window", "truncate"):
         out = tmp / f"{mode}.h5"
         overlap = ["--window-overlap", "10"] if mode == "window" else []
-        done = run_extract(job_args(tiny_model_path, fasta, out, *ALL_OUTPUTS, "--truncation-seq-length", "30",
-                                    "--long-sequences", mode, *overlap))
-        assert done.returncode == 0, done.stderr
+        assert run_in_process(job_args(tiny_model_path, fasta, out, *ALL_OUTPUTS, "--truncation-seq-length", "30",
+                                       "--long-sequences", mode, *overlap)) == 0
         runs[mode] = read_all(out)
     return runs
 
@@ -128,10 +127,9 @@ def test_real_long_proteins_through_the_default_window(tmp_path, tiny_model_path
     (["--window-overlap", "100"], "--window-overlap applies only with --long-sequences window"),
     (["--truncation-seq-length", "0"], "--truncation-seq-length 0: must be at least 1"),
 ])
-def test_bad_window_settings_are_one_line_and_exit_2(tmp_path, tiny_model_path, flags, message):
+def test_bad_window_settings_are_one_line_and_exit_2(tmp_path, tiny_model_path, capsys, flags, message):
     fasta = write_fasta(tmp_path / "in.fasta", [("a", "MKV")])
     out = tmp_path / "out.h5"
-    done = run_extract(job_args(tiny_model_path, fasta, out, *flags))
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"esm_features: error: {message}"]
+    assert run_in_process(job_args(tiny_model_path, fasta, out, *flags)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"esm_features: error: {message}"]
     assert not out.exists()

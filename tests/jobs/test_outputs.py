@@ -12,7 +12,7 @@ from extract.output import hdf5_file
 from extract.esm_features import main
 from extract.errors import UserError
 from fair_esm_reference import fair_esm_tokens
-from jobs import job_args, phage_sample, random_proteins, run_extract, write_fasta
+from jobs import job_args, phage_sample, random_proteins, run_extract, run_in_process, write_fasta
 from output_checks import read_all
 
 LAYERS = [0, 2, 1]  # what --repr-layers 0 -1 1 means on the 2-layer test model
@@ -63,8 +63,8 @@ def test_every_output_of_several_layers_matches_fair_esm_truncated_rows_included
 def test_bos_alone_is_fair_esms_bos_and_nothing_else(tmp_path, tiny_model_path, fair_esm_tiny, phage_dir):
     records = phage_sample(phage_dir, 5, long=1)
     out = tmp_path / "bos.h5"
-    done = run_extract(job_args(tiny_model_path, write_fasta(tmp_path / "in.fasta", records), out, "--include", "bos"))
-    assert done.returncode == 0, done.stderr
+    assert run_in_process(job_args(tiny_model_path, write_fasta(tmp_path / "in.fasta", records), out, "--include",
+                                   "bos")) == 0
     model, alphabet = fair_esm_tiny
     expected = fair_esm_tokens(model, alphabet, [seq for _, seq in records], [2])
     data, attrs = read_all(out)
@@ -99,12 +99,12 @@ def test_float16_is_the_float32_result_rounded_once_in_half_the_file(phage_runs)
     assert 0.45 < sizes[1] / sizes[0] < 0.55
 
 
-def test_resuming_with_another_storage_dtype_is_refused(phage_runs, tiny_model_path):
+def test_resuming_with_another_storage_dtype_is_refused(phage_runs, tiny_model_path, capsys):
     out = phage_runs["float16"][0]
     before = out.read_bytes()
-    done = run_extract(job_args(tiny_model_path, phage_runs["fasta"], out, *ALL_OUTPUTS, "--storage-dtype", "float32"))
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == (
+    args = job_args(tiny_model_path, phage_runs["fasta"], out, *ALL_OUTPUTS, "--storage-dtype", "float32")
+    assert run_in_process(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"esm_features: error: {out}: exists and was made from other inputs or settings; "
         f"pass --overwrite to replace it, or choose another --out")
     assert out.read_bytes() == before
@@ -125,21 +125,20 @@ def test_planned_size_is_printed_and_covers_the_file(phage_runs, dtype):
     assert os.path.getsize(out) <= planned <= os.path.getsize(out) + 64 * 1024 + 16 * len(ids)
 
 
-def test_job_refuses_to_start_without_room_for_its_output(small_file_system, tmp_path, tiny_model_path):
+def test_job_refuses_to_start_without_room_for_its_output(small_file_system, tmp_path, tiny_model_path, capsys):
     fasta = write_fasta(tmp_path / "in.fasta", random_proteins(8, seed=6, min_len=250, max_len=300))
     out = small_file_system / "out.h5"
     # Every residue of three layers: about 1.6 MiB of per-token rows on a 1 MiB file system.
-    refused = run_extract(job_args(tiny_model_path, fasta, out, *ALL_OUTPUTS))
-    assert refused.returncode == 2
+    assert run_in_process(job_args(tiny_model_path, fasta, out, *ALL_OUTPUTS)) == 2
+    refused = capsys.readouterr().err
     assert re.fullmatch(rf"esm_features: error: {out}: the output needs 1\.\d MiB more but its file system has "
                         r"\d+\.\d [KM]iB free; free some space or choose another --out",  # less the input index
-                        refused.stderr.strip().splitlines()[-1])
-    assert "Traceback" not in refused.stderr
+                        refused.strip().splitlines()[-1])
+    assert "Traceback" not in refused
     assert list(small_file_system.iterdir()) == []
     # The means alone fit, and the same file system takes them.
-    fits = run_extract(job_args(tiny_model_path, fasta, out, "--repr-layers", "0", "-1", "1"))
-    assert fits.returncode == 0, fits.stderr
-    assert "planned, " in fits.stderr and h5py.File(out, "r").attrs["status"] == "complete"
+    assert run_in_process(job_args(tiny_model_path, fasta, out, "--repr-layers", "0", "-1", "1")) == 0
+    assert "planned, " in capsys.readouterr().err and h5py.File(out, "r").attrs["status"] == "complete"
 
 
 def test_an_existing_output_counts_towards_the_room_it_needs(small_file_system):
