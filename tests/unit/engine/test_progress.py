@@ -1,4 +1,5 @@
-"""Progress reports: what they say, when they are printed, and the bar on a terminal."""
+"""Progress reports: what they say, when they are printed, and the bar (drawn by a whole job on a terminal in
+tests/jobs/test_progress_on_a_terminal.py)."""
 
 import io
 import logging
