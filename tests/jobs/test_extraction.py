@@ -41,15 +41,17 @@ def test_two_ranks_match_fair_esm_on_real_proteins(tmp_path, tiny_model_path, fa
 def test_one_two_and_three_ranks_write_the_same_file(tmp_path, tiny_model_path):
     fasta = [write_fasta(tmp_path / "a.fasta", random_proteins(30, seed=1)),
              write_fasta(tmp_path / "b.fasta", random_proteins(25, seed=2))]
-    results = {}
-    for nproc in (None, 2, 3):
-        out = tmp_path / f"out_{nproc}.h5"
-        done = run_extract(job_args(tiny_model_path, fasta, out, "--toks-per-batch", "1000"), nproc=nproc)
-        assert done.returncode == 0, done.stderr
-        results[nproc] = read_all(out)
-    single, single_attrs = results[None]
+
+    def args(out):
+        return job_args(tiny_model_path, fasta, out, "--toks-per-batch", "1000")
+
+    assert run_in_process(args(tmp_path / "out_1.h5")) == 0  # one rank: the same code as a plain process
+    single, single_attrs = read_all(tmp_path / "out_1.h5")
     for nproc in (2, 3):
-        data, attrs = results[nproc]
+        out = tmp_path / f"out_{nproc}.h5"
+        done = run_extract(args(out), nproc=nproc)
+        assert done.returncode == 0, done.stderr
+        data, attrs = read_all(out)
         assert data.keys() == single.keys()
         for name in single:
             np.testing.assert_array_equal(data[name], single[name], err_msg=name)
