@@ -26,7 +26,7 @@ def real_sequences(phage_dir):
 
 @pytest.mark.parametrize("attention", [JAGGED, PADDED])
 def test_fp32_rows_on_the_gpu_match_fair_esm(tiny_model_path, real_sequences, attention):
-    model, alphabet = load_fair_esm(tiny_model_path)
+    model, alphabet = load_fair_esm(tiny_model_path)  # its own: moved to the GPU below
     _, _, tokens = BatchConverter(alphabet, 1022)([(str(i), s) for i, s in enumerate(real_sequences)])
     real = tokens.ne(alphabet.padding_idx)
     with torch.inference_mode():

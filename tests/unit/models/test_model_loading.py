@@ -47,7 +47,7 @@ def test_fp32_on_the_cpu_computes_on_the_files_own_pages(tiny_model_path):
 
 def test_bf16_load_gives_fair_esm_model_in_bf16(tiny_model_path):
     ours = load_model(str(tiny_model_path), dtype=torch.bfloat16).model
-    theirs, _ = load_fair_esm(tiny_model_path)
+    theirs, _ = load_fair_esm(tiny_model_path)  # its own: cast to bf16 in place below
     _assert_same_state(ours.state_dict(), theirs.to(torch.bfloat16).state_dict())
     assert ours.layers[0].self_attn.rot_emb.inv_freq.dtype == torch.bfloat16  # a buffer, converted too
 
