@@ -38,7 +38,7 @@ def test_main_uses_the_callers_group_repeatedly_and_leaves_it_initialised(tmp_pa
 
 
 def test_a_rank_stopped_while_its_peer_finishes_stops_both_and_the_group_stays_usable(tmp_path, tiny_model_path,
-                                                                                         capsid_fasta):
+                                                                                         fair_esm_tiny, capsid_fasta):
     """Rank 1 (one batch) is asked to stop and waits at a barrier for rank 0 (at the last one while rank 0
     marks the file, at the latest): it must not leave alone with rank 0 going on into a collective, or the
     next call hangs."""
@@ -54,4 +54,4 @@ def test_a_rank_stopped_while_its_peer_finishes_stops_both_and_the_group_stays_u
     for rank in (0, 1):
         result = json.loads((tmp_path / f"result.rank{rank}.json").read_text())
         assert result == {"codes": [143, 0], "initialized": True, "sum": 3, "threads_left": 0}
-    assert_complete_and_like_fair_esm(out, [capsid_fasta], tiny_model_path)
+    assert_complete_and_like_fair_esm(out, [capsid_fasta], fair_esm_tiny)
