@@ -11,7 +11,8 @@ from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from cluster_jobs import SMALL_JOB_FLAGS, run_on_terminal
 from extract.models.esm2.checkpoints import build_random_esm2, fair_esm_checkpoint
-from jobs import clean_env, extract_command, write_fasta
+from fair_esm_reference import load_fair_esm
+from jobs import clean_env, extract_command, job_args, write_fasta
 from launch import make_proteins
 from long_job import LongJob
 from real_slurm import Cluster, missing_reason
@@ -35,6 +36,17 @@ def tiny_model_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "tiny_esm2.pt"
     torch.save(fair_esm_checkpoint(build_random_esm2(2, 64, 4, seed=1)), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def fair_esm_tiny(tiny_model_path) -> tuple:
+    """(model, alphabet): the tiny model through fair-esm's own loader, in eval mode, loaded once for every
+    test; the session ends in an error should a test have changed it."""
+    model, alphabet = load_fair_esm(tiny_model_path)
+    weights = {name: value.clone() for name, value in model.state_dict().items()}
+    yield model.eval(), alphabet
+    assert not model.training
+    assert all(torch.equal(value, weights[name]) for name, value in model.state_dict().items())
 
 
 def _has_phage_data() -> bool:
@@ -86,16 +98,16 @@ def single_process_run(tmp_path_factory, tiny_model_path, capsid_fasta) -> Simpl
     where = tmp_path_factory.mktemp("single")
     out, report = where / "single.h5", where / "single.json"
     code, terminal = run_on_terminal(
-        extract_command(["--model", tiny_model_path, "--fasta", capsid_fasta, "--out", out, "--report", report,
-                         *SMALL_JOB_FLAGS]), clean_env())
+        extract_command(job_args(tiny_model_path, capsid_fasta, out, "--report", report, *SMALL_JOB_FLAGS)),
+        clean_env())
     assert code == 0, terminal
     return SimpleNamespace(out=out, report=report, terminal=terminal)
 
 
 @pytest.fixture(scope="session")
-def long_job(tmp_path_factory, tiny_model_path) -> LongJob:
+def long_job(tmp_path_factory, tiny_model_path, fair_esm_tiny) -> LongJob:
     """Hundreds of one-row batches to interrupt, with the uninterrupted result to compare against."""
-    return LongJob.prepare(tmp_path_factory.mktemp("long_job"), tiny_model_path)
+    return LongJob.prepare(tmp_path_factory.mktemp("long_job"), tiny_model_path, fair_esm_tiny)
 
 
 @pytest.fixture(scope="session")

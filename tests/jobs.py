@@ -11,6 +11,7 @@ from pathlib import Path
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from extract.data.fasta import Alphabet
+from extract.esm_features import main
 from extract.models.esm2.embedder import Esm2Embedder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +31,12 @@ def clean_env() -> dict:
     return env
 
 
+def job_args(model, fasta: Path | list[Path], out: Path, *extra) -> list[str]:
+    """The command's arguments embedding `fasta` (one path or a list) with `model` into `out`, then `extra`."""
+    files = fasta if isinstance(fasta, (list, tuple)) else [fasta]
+    return [str(a) for a in ("--model", model, "--fasta", *files, "--out", out, *extra)]
+
+
 def extract_command(args: list, nproc: int | None = None, script: Path = SCRIPT) -> list[str]:
     """`python extract/esm_features.py ARGS` (or another `script`), or under `torchrun --standalone` with
     `nproc` ranks (in fp32 unless ARGS name a --dtype)."""
@@ -44,6 +51,12 @@ def run_extract(args: list, nproc: int | None = None, timeout: float = 300, extr
                 script: Path = SCRIPT, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(extract_command(args, nproc, script), env={**clean_env(), **(extra_env or {})},
                           capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def run_in_process(args: list) -> int:
+    """The command's `main(ARGS)` in this process, in fp32 as `extract_command` runs it: a job whose point is
+    not its process, without the start of one."""
+    return main([*FP32, *args])
 
 
 def process_tree(pid: int) -> list[int]:

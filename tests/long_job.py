@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import h5py
 import numpy as np
 
 from extract.output.lock import lock_path
-from fair_esm_reference import fair_esm_means, load_fair_esm
+from fair_esm_reference import fair_esm_means
 from job_control import start_extract, wait_for_done_rows
-from jobs import random_proteins, run_extract, write_fasta
+from jobs import job_args, random_proteins, run_extract, write_fasta
+from output_checks import read_all
 
 ROWS = 400
 LAYER = "mean/layer_2"  # the tiny model's last layer
@@ -27,22 +27,22 @@ class LongJob:
     reference: Path  # the output of an uninterrupted single-process run, checked against fair-esm
 
     @classmethod
-    def prepare(cls, folder: Path, model: Path) -> "LongJob":
+    def prepare(cls, folder: Path, model: Path, fair_esm: tuple) -> "LongJob":
+        """The job on `model`, its uninterrupted output checked against fair-esm's (model, alphabet) of it."""
         records = random_proteins(ROWS, seed=11, min_len=20, max_len=60)
         job = cls(model, write_fasta(folder / "long.fasta", records), folder / "reference.h5")
         done = run_extract(job.args(job.reference))
         assert done.returncode == 0, done.stderr
-        fair_model, alphabet = load_fair_esm(model)
-        expected = fair_esm_means(fair_model, alphabet, [seq for _, seq in records], [2])[2]
-        assert np.abs(read_output(job.reference)[LAYER] - expected).max() <= 1e-4
+        expected = fair_esm_means(*fair_esm, [seq for _, seq in records], [2])[2]
+        assert np.abs(read_all(job.reference)[0][LAYER] - expected).max() <= 1e-4
         return job
 
-    def args(self, out: Path, *extra) -> list:
-        return ["--model", self.model, "--fasta", self.fasta, "--out", out, "--toks-per-batch", "64", *extra]
+    def args(self, out: Path, *extra) -> list[str]:
+        return job_args(self.model, self.fasta, out, "--toks-per-batch", "64", *extra)
 
     def assert_done_rows_correct(self, out: Path) -> np.ndarray:
         """Every row marked done holds the uninterrupted run's values; returns the done flags."""
-        data, reference = read_output(out), read_output(self.reference)
+        (data, _), (reference, _) = read_all(out), read_all(self.reference)
         done = data["done"].astype(bool)
         np.testing.assert_allclose(data[LAYER][done], reference[LAYER][done], rtol=0, atol=1e-5)
         return data["done"]
@@ -63,7 +63,7 @@ class LongJob:
         assert err.strip().splitlines()[-1] == f"esm_features: error: {last_line}"
         assert "Traceback" not in err
         assert not lock_path(out).exists()
-        assert read_output(out)["status"] == "incomplete"
+        assert read_all(out)[1]["status"] == "incomplete"
         done = self.assert_done_rows_correct(out)
         assert 10 <= done.sum() < done.size
 
@@ -74,17 +74,11 @@ class LongJob:
         self.assert_complete_and_equal(out)
 
     def assert_complete_and_equal(self, out: Path) -> None:
-        data, reference = read_output(out), read_output(self.reference)
-        assert data["status"] == "complete"
+        (data, attrs), (reference, reference_attrs) = read_all(out), read_all(self.reference)
+        assert attrs["status"] == "complete"
         assert data["done"].all()
         np.testing.assert_array_equal(data["ids"], reference["ids"])
         np.testing.assert_array_equal(data["lengths"], reference["lengths"])
         np.testing.assert_allclose(data[LAYER], reference[LAYER], rtol=0, atol=1e-5)
-        assert data["fingerprint"] == reference["fingerprint"]
+        assert attrs["fingerprint"] == reference_attrs["fingerprint"]
 
-
-def read_output(path: Path) -> dict:
-    with h5py.File(path, "r") as f:
-        return {"ids": f["ids"][()], "lengths": f["lengths"][()], "done": f["done"][()], LAYER: f[LAYER][()],
-                "status": f.attrs["status"], "fingerprint": f.attrs["fingerprint"],
-                "last_run": f.attrs.get("last_run")}

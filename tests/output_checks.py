@@ -10,15 +10,16 @@ import torch
 
 from extract.check_output import find_problems
 from extract.data.fasta import read_inputs
-from fair_esm_reference import fair_esm_means, load_fair_esm
+from fair_esm_reference import fair_esm_means
 from jobs import ESM2_ALPHABET
 
 
-def assert_complete_and_like_fair_esm(out: Path, fasta: list[Path], model_path: Path, layer: int = 2) -> None:
-    """`out` passes check_output against `fasta`, and its mean embeddings equal fair-esm's."""
+def assert_complete_and_like_fair_esm(out: Path, fasta: list[Path], fair_esm: tuple, layer: int = 2) -> None:
+    """`out` passes check_output against `fasta`, and its mean embeddings equal those of fair-esm's
+    (model, alphabet)."""
     assert find_problems(out, fasta) == []
     inputs = read_inputs(fasta, ESM2_ALPHABET)
-    model, alphabet = load_fair_esm(model_path)
+    model, alphabet = fair_esm
     expected = fair_esm_means(model, alphabet, inputs.sequences, [layer])[layer]
     with h5py.File(out, "r") as f:
         assert np.abs(f[f"mean/layer_{layer}"][()] - expected).max() <= 1e-4

@@ -7,13 +7,14 @@ the same code path as the script, without a process start per case.
 import gzip
 import os
 
-import h5py
 import numpy as np
 import pytest
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from extract.esm_features import main
-from fair_esm_reference import fair_esm_means, load_fair_esm
+from fair_esm_reference import fair_esm_means
+from jobs import job_args
+from output_checks import read_all
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +36,13 @@ def _wrapped(seq, width=60):
 def _run(tmp_path, model, fasta_paths, *extra):
     out = tmp_path / "out" / "out.h5"
     out.parent.mkdir(exist_ok=True)
-    code = main(["--model", str(model), "--fasta", *map(str, fasta_paths), "--out", str(out), *extra])
+    code = main(job_args(model, fasta_paths, out, *extra))
     return code, out
 
 
 def _embeddings(out):
-    with h5py.File(out, "r") as f:
-        return f["ids"].asstr()[()].tolist(), f["mean/layer_2"][()], f.attrs["fingerprint"], f.attrs["status"]
+    data, attrs = read_all(out)
+    return [i.decode() for i in data["ids"]], data["mean/layer_2"], attrs["fingerprint"], attrs["status"]
 
 
 ACCEPTED = {
@@ -62,14 +63,14 @@ ACCEPTED = {
 
 
 @pytest.fixture(scope="module")
-def clean_output(tmp_path_factory, tiny_model_path, records):
+def clean_output(tmp_path_factory, tiny_model_path, fair_esm_tiny, records):
     """The clean, single-line form's output, checked against fair-esm's own forward."""
     folder = tmp_path_factory.mktemp("clean")
     (folder / "clean.fasta").write_text(_fasta(records))
     code, out = _run(folder, tiny_model_path, [folder / "clean.fasta"])
     assert code == 0
     ids, means, fingerprint, status = _embeddings(out)
-    model, alphabet = load_fair_esm(tiny_model_path)
+    model, alphabet = fair_esm_tiny
     assert np.abs(means - fair_esm_means(model, alphabet, [seq for _, _, seq in records], [2])[2]).max() <= 1e-4
     assert ids == [rid for rid, _, _ in records] and status == "complete"
     return ids, means, fingerprint
@@ -173,7 +174,7 @@ def test_the_same_fasta_twice_is_refused(tmp_path, tiny_model_path, capsys):
 def test_an_output_naming_the_input_is_refused_and_the_input_kept(tmp_path, tiny_model_path, capsys, extra):
     path = tmp_path / "input.fasta"
     path.write_text(">a\nMKV\n")
-    code = main(["--model", str(tiny_model_path), "--fasta", str(path), "--out", str(path), *extra])
+    code = main(job_args(tiny_model_path, path, path, *extra))
     err = capsys.readouterr().err
     assert code == 2 and err.strip().splitlines()[-1] == (f"esm_features: error: {path}: is one of the --fasta "
                                                           f"inputs; choose another --out")
@@ -183,7 +184,7 @@ def test_an_output_naming_the_input_is_refused_and_the_input_kept(tmp_path, tiny
 def test_an_output_naming_a_directory_is_refused(tmp_path, tiny_model_path, capsys):
     fasta = tmp_path / "input.fasta"
     fasta.write_text(">a\nMKV\n")
-    code = main(["--model", str(tiny_model_path), "--fasta", str(fasta), "--out", str(tmp_path)])
+    code = main(job_args(tiny_model_path, fasta, tmp_path))
     err = capsys.readouterr().err
     assert code == 2 and err.strip().splitlines() == [f"esm_features: error: {tmp_path}: is a directory; name the "
                                                       f"output file"]
@@ -191,7 +192,7 @@ def test_an_output_naming_a_directory_is_refused(tmp_path, tiny_model_path, caps
 
 def test_output_in_a_missing_folder_is_refused_before_reading_input(tmp_path, tiny_model_path, capsys):
     out = tmp_path / "missing" / "out.h5"
-    code = main(["--model", str(tiny_model_path), "--fasta", str(tmp_path / "nowhere.fasta"), "--out", str(out)])
+    code = main(job_args(tiny_model_path, tmp_path / "nowhere.fasta", out))
     err = capsys.readouterr().err
     assert code == 2
     # The input is missing too, but the output is looked at first: a job that cannot write learns it at once.
@@ -203,7 +204,7 @@ def test_output_in_a_missing_folder_is_refused_before_reading_input(tmp_path, ti
 def test_a_dry_run_refuses_an_output_folder_that_is_missing_as_the_run_does(tmp_path, tiny_model_path, capsys):
     fasta, out = tmp_path / "input.fasta", tmp_path / "missing" / "out.h5"
     fasta.write_text(">a\nMKV\n")
-    code = main(["--model", str(tiny_model_path), "--fasta", str(fasta), "--out", str(out), "--dry-run"])
+    code = main(job_args(tiny_model_path, fasta, out, "--dry-run"))
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().splitlines()[-1] == (f"esm_features: error: {out}: cannot write in {out.parent} "

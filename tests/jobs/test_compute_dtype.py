@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from extract.runtime.device import choose_dtype, dtype_name
-from fair_esm_reference import fair_esm_tokens, load_fair_esm
-from jobs import phage_sample, run_extract, write_fasta
+from fair_esm_reference import fair_esm_tokens
+from jobs import job_args, phage_sample, run_extract, run_in_process, write_fasta
 
 LAYERS = [0, 1, 2]
 
@@ -18,15 +18,15 @@ def _lowest_cosine(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(cosine.min())
 
 
-def test_a_bf16_job_keeps_mean_bos_and_residue_rows_close_to_fp32_fair_esm(tmp_path, tiny_model_path, phage_dir):
+def test_a_bf16_job_keeps_mean_bos_and_residue_rows_close_to_fp32_fair_esm(tmp_path, tiny_model_path, fair_esm_tiny,
+                                                                             phage_dir, capsys):
     records = phage_sample(phage_dir, 10, long=1)
     fasta, out, report = write_fasta(tmp_path / "in.fasta", records), tmp_path / "out.h5", tmp_path / "report.json"
-    done = run_extract(["--model", tiny_model_path, "--fasta", fasta, "--out", out, "--dtype", "bf16",
-                        "--include", "mean", "bos", "per_tok", "--repr-layers", *LAYERS, "--report", report])
-    assert done.returncode == 0, done.stderr
-    assert "on cpu in bf16 (--dtype bf16 as requested)" in done.stderr
+    assert run_in_process(job_args(tiny_model_path, fasta, out, "--dtype", "bf16", "--include", "mean", "bos",
+                                   "per_tok", "--repr-layers", *LAYERS, "--report", report)) == 0
+    assert "on cpu in bf16 (--dtype bf16 as requested)" in capsys.readouterr().err
     assert json.loads(report.read_text())["compute_dtype_reason"] == "--dtype bf16 as requested"
-    model, alphabet = load_fair_esm(tiny_model_path)
+    model, alphabet = fair_esm_tiny
     expected = fair_esm_tokens(model, alphabet, [seq for _, seq in records], LAYERS)  # BOS, then the residues
     with h5py.File(out, "r") as f:
         assert f.attrs["compute_dtype"] == "bf16"
@@ -46,8 +46,7 @@ def test_a_bf16_job_keeps_mean_bos_and_residue_rows_close_to_fp32_fair_esm(tmp_p
 def test_auto_takes_the_dtype_this_cpu_calls_for_on_every_rank_and_says_why(tmp_path, tiny_model_path, phage_dir):
     fasta, out, report = (write_fasta(tmp_path / "in.fasta", phage_sample(phage_dir, 6, long=0)),
                           tmp_path / "out.h5", tmp_path / "report.json")
-    done = run_extract(["--model", tiny_model_path, "--fasta", fasta, "--out", out, "--dtype", "auto",
-                        "--report", report], nproc=2)
+    done = run_extract(job_args(tiny_model_path, fasta, out, "--dtype", "auto", "--report", report), nproc=2)
     assert done.returncode == 0, done.stderr
     rule = choose_dtype("auto", torch.device("cpu"))  # this machine's: with AMX bf16, else fp32
     assert rule.reason.startswith("auto: this CPU has")

@@ -14,7 +14,7 @@ import torch
 from extract import export
 from extract.esm_features import main as extract_main
 from fair_esm_reference import fair_esm_extract
-from jobs import phage_sample, random_proteins
+from jobs import job_args, phage_sample, random_proteins
 from output_checks import assert_same_as_fair_esms_files
 
 ALL_OUTPUTS = ["--include", "mean", "bos", "per_tok"]
@@ -27,7 +27,7 @@ def _fasta(path, records, description=""):
 
 def _embedded(tmp_path, model, fasta, *flags):
     out = tmp_path / "out.h5"
-    assert extract_main(["--model", str(model), "--fasta", str(fasta), "--out", str(out), *flags]) == 0
+    assert extract_main(job_args(model, fasta, out, *flags)) == 0
     return out
 
 

@@ -12,11 +12,11 @@ import pytest
 
 from extract import export
 from extract.esm_features import create_parser, main
-from fair_esm_reference import fair_esm_extract, fair_esm_means, load_fair_esm
-from jobs import phage_sample, write_fasta
+from fair_esm_reference import fair_esm_extract, fair_esm_means
+from jobs import job_args, phage_sample, write_fasta
 from output_checks import assert_same_as_fair_esms_files
 
-REQUIRED = ["--model", "m.pt", "--fasta", "in.fasta", "--out", "out.h5"]
+REQUIRED = job_args("m.pt", "in.fasta", "out.h5")
 
 
 def test_fair_esms_spellings_parse_as_our_options():
@@ -28,12 +28,12 @@ def test_fair_esms_spellings_parse_as_our_options():
     assert (ours.repr_layers, ours.toks_per_batch, ours.truncation_seq_length, ours.device) == ([0, -1], 300, 30, "cpu")
 
 
-def test_a_job_in_fair_esms_spellings_gives_fair_esms_means(tmp_path, tiny_model_path, phage_dir):
+def test_a_job_in_fair_esms_spellings_gives_fair_esms_means(tmp_path, tiny_model_path, fair_esm_tiny, phage_dir):
     records = phage_sample(phage_dir, 6, long=1)
     fasta, out = write_fasta(tmp_path / "in.fasta", records), tmp_path / "out.h5"
-    assert main(["--model", str(tiny_model_path), "--fasta", str(fasta), "--out", str(out), "--repr_layers", "0",
-                 "-1", "--toks_per_batch", "300", "--truncation_seq_length", "30", "--nogpu"]) == 0
-    model, alphabet = load_fair_esm(tiny_model_path)
+    assert main(job_args(tiny_model_path, fasta, out, "--repr_layers", "0", "-1", "--toks_per_batch", "300",
+                         "--truncation_seq_length", "30", "--nogpu")) == 0
+    model, alphabet = fair_esm_tiny
     expected = fair_esm_means(model, alphabet, [seq for _, seq in records], [0, 2], truncation_seq_length=30)
     with h5py.File(out) as f:
         assert (f.attrs["truncation_seq_length"], f.attrs["toks_per_batch"]) == (30, 300)
@@ -45,7 +45,7 @@ def test_a_job_in_fair_esms_spellings_gives_fair_esms_means(tmp_path, tiny_model
 @pytest.mark.parametrize("flags", [["--nogpu", "--device", "cuda"], ["--device", "cuda", "--nogpu"]])
 def test_nogpu_with_device_cuda_is_refused_in_one_line(tmp_path, capsys, flags):
     out = tmp_path / "out.h5"
-    assert main(["--model", "m.pt", "--fasta", "in.fasta", "--out", str(out), *flags]) == 2
+    assert main(job_args("m.pt", "in.fasta", out, *flags)) == 2
     assert capsys.readouterr().err == "esm_features: error: --nogpu and --device cuda contradict each other; " \
                                       "give one of them\n"
     assert not out.exists()

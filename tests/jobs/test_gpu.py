@@ -13,7 +13,7 @@ from extract.models.esm2.forward import JAGGED, PADDED, default_attention, embed
 from extract.models.esm2.checkpoints import build_random_esm2
 from extract.models.esm2.tokens import pack
 from fair_esm_reference import fair_esm_means, load_fair_esm
-from jobs import phage_sample, run_extract, write_fasta
+from jobs import job_args, phage_sample, run_extract, write_fasta
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -26,7 +26,7 @@ def real_sequences(phage_dir):
 
 @pytest.mark.parametrize("attention", [JAGGED, PADDED])
 def test_fp32_rows_on_the_gpu_match_fair_esm(tiny_model_path, real_sequences, attention):
-    model, alphabet = load_fair_esm(tiny_model_path)
+    model, alphabet = load_fair_esm(tiny_model_path)  # its own: moved to the GPU below
     _, _, tokens = BatchConverter(alphabet, 1022)([(str(i), s) for i, s in enumerate(real_sequences)])
     real = tokens.ne(alphabet.padding_idx)
     with torch.inference_mode():
@@ -50,14 +50,14 @@ def test_bf16_means_on_the_gpu_match_fp32_fair_esm(real_sequences):
     assert cosine.min() >= 0.999, cosine
 
 
-def test_a_job_on_the_gpu_writes_fair_esms_means_with_an_automatic_budget(tmp_path, tiny_model_path, phage_dir):
+def test_a_job_on_the_gpu_writes_fair_esms_means_with_an_automatic_budget(tmp_path, tiny_model_path, fair_esm_tiny,
+                                                                            phage_dir):
     records = phage_sample(phage_dir, 24, long=2)
     fasta = write_fasta(tmp_path / "in.fasta", records)
     out, report = tmp_path / "out.h5", tmp_path / "report.json"
-    done = run_extract(["--model", tiny_model_path, "--fasta", fasta, "--out", out, "--device", "cuda",
-                        "--dtype", "fp32", "--report", report])
+    done = run_extract(job_args(tiny_model_path, fasta, out, "--device", "cuda", "--dtype", "fp32", "--report", report))
     assert done.returncode == 0, done.stderr
-    model, alphabet = load_fair_esm(tiny_model_path)
+    model, alphabet = fair_esm_tiny
     expected = fair_esm_means(model, alphabet, [seq for _, seq in records], [2])[2]
     with h5py.File(out, "r") as f:
         assert np.abs(f["mean/layer_2"][()] - expected).max() <= 1e-4

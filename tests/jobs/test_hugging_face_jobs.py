@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from extract.esm_features import main
 from hugging_face_models import (esm2_config, fair_esm_to_hugging_face, fake_hub_cache, save_random_model,
                                  transformers_tokens)
-from fair_esm_reference import fair_esm_tokens, load_fair_esm
-from jobs import phage_sample, random_proteins, write_fasta
+from fair_esm_reference import fair_esm_tokens
+from jobs import job_args, phage_sample, random_proteins, write_fasta
 from output_checks import read_all
 
 REPO_ID = "facebook/esm2_tiny_UR50D"
@@ -22,7 +22,7 @@ LAYERS = ["--repr-layers", "0", "1", "2"]
 
 
 def _run(model, fasta, out, *extra) -> int:
-    return main(["--model", str(model), "--fasta", str(fasta), "--out", str(out), "--toks-per-batch", "2048", *extra])
+    return main(job_args(model, fasta, out, "--toks-per-batch", "2048", *extra))
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,10 @@ def tail_fibres(tmp_path_factory, phage_dir):
     return write_fasta(tmp_path_factory.mktemp("fibres") / "fibres.fasta", records), [s for _, s in records]
 
 
-def test_a_fair_esm_checkpoint_converted_to_hugging_face_gives_the_same_file(tmp_path, tiny_model_path, tail_fibres,
-                                                                              capsys):
+def test_a_fair_esm_checkpoint_converted_to_hugging_face_gives_the_same_file(tmp_path, tiny_model_path, fair_esm_tiny,
+                                                                              tail_fibres, capsys):
     fasta, sequences = tail_fibres
-    fair_esm, alphabet = load_fair_esm(tiny_model_path)
+    fair_esm, alphabet = fair_esm_tiny
     converted = fair_esm_to_hugging_face(fair_esm, tmp_path / "converted", fair_esm.token_dropout)
     # The conversion is right: transformers' forward on it gives fair-esm's.
     for theirs, ours in zip(fair_esm_tokens(fair_esm, alphabet, sequences[:2], [0, 2]),
@@ -213,7 +213,7 @@ def test_a_checkpoint_that_is_not_esm2_is_refused_before_any_work(tmp_path, unus
     model, problem = cases[case]
     out = tmp_path / "out" / "out.h5"
     out.parent.mkdir()
-    code = main(["--model", str(model), "--fasta", str(tmp_path / "missing.fasta"), "--out", str(out)])
+    code = main(job_args(model, tmp_path / "missing.fasta", out))
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("esm_features: error: model ") and err.endswith(problem), err

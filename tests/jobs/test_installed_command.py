@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import clean_env
+from jobs import clean_env, job_args
 from output_checks import assert_complete_and_like_fair_esm
 
 BIN = Path(sys.executable).parent
@@ -26,22 +26,22 @@ def _run(command: list, **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("ranks", [None, 2], ids=["plain", "torchrun"])
-def test_the_installed_command_runs_the_job(tmp_path, tiny_model_path, capsid_fasta, ranks):
+def test_the_installed_command_runs_the_job(tmp_path, tiny_model_path, fair_esm_tiny, capsid_fasta, ranks):
     out = tmp_path / "out.h5"
-    command = [_installed("esm-features"), "--model", tiny_model_path, "--fasta", capsid_fasta, "--out", out]
+    command = [_installed("esm-features"), *job_args(tiny_model_path, capsid_fasta, out)]
     if ranks:  # torchrun starts the command found on the PATH itself
         command = [_installed("torchrun"), "--no-python", "--standalone", f"--nproc_per_node={ranks}",
                    "esm-features", *command[1:]]
     done = _run(command, cwd=tmp_path)  # away from the checkout: the installed command, not extract/ beside it
     assert done.returncode == 0, done.stderr
     assert f"[rank 0/{ranks or 1}]" in done.stderr
-    assert_complete_and_like_fair_esm(out, [capsid_fasta], tiny_model_path)
+    assert_complete_and_like_fair_esm(out, [capsid_fasta], fair_esm_tiny)
 
 
 def test_the_installed_export_writes_a_file_per_protein(tmp_path, tiny_model_path, capsid_fasta):
     out = tmp_path / "out.h5"
-    assert _run([_installed("esm-features"), "--model", tiny_model_path, "--fasta", capsid_fasta, "--out", out,
-                 "--device", "cpu"]).returncode == 0
+    assert _run([_installed("esm-features"), *job_args(tiny_model_path, capsid_fasta, out, "--device", "cpu")]
+                ).returncode == 0
     done = _run([_installed("esm-features-export"), out, "--fair-esm-dir", tmp_path / "pt"])
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{out}: 16 proteins exported to {tmp_path / 'pt'}, one <id>.pt each\n"

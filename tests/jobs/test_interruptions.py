@@ -14,7 +14,8 @@ from extract.output.lock import lock_path
 from extract.engine.planning import plan_batches
 from job_control import is_running, start_extract, wait_for_done, wait_for_done_rows, worker_pids
 from jobs import REPO, run_extract
-from long_job import ROWS, read_output
+from long_job import ROWS
+from output_checks import read_all
 
 OUR_FRAMES = f'File "{REPO / "extract"}'  # a traceback line inside our package
 
@@ -34,7 +35,7 @@ def _resume(long_job, out, done, nproc):
     rerun = run_extract(long_job.args(out), nproc=nproc)
     assert rerun.returncode == 0, rerun.stderr
     assert f"rows: {pending:,} to write" in rerun.stderr
-    assert json.loads(read_output(out)["last_run"])["total"]["rows"] == pending
+    assert json.loads(read_all(out)[1]["last_run"])["total"]["rows"] == pending
     long_job.assert_complete_and_equal(out)
     assert not lock_path(out).exists()
 
@@ -50,7 +51,7 @@ def _two_ranks_interrupted(long_job, out, interrupt):
     assert job.returncode != 0, stderr
     assert not any(is_running(pid) for pid in workers.values())
     assert OUR_FRAMES not in stderr, stderr
-    assert read_output(out)["status"] == "incomplete"
+    assert read_all(out)[1]["status"] == "incomplete"
     return stderr, long_job.assert_done_rows_correct(out)
 
 
@@ -79,7 +80,7 @@ def test_a_rank_waiting_for_a_peer_that_dies_does_not_hang(tmp_path, long_job):
     def kill_the_peer_it_waits_for(job, workers):
         wait_for_done_rows(out, job, 10)
         os.kill(workers[0], signal.SIGSTOP)  # rank 0 falls behind, until rank 1 has done its share and waits
-        lengths = read_output(out)["lengths"]
+        lengths = read_all(out)[0]["lengths"]
         rank1_rows = np.concatenate(plan_batches(np.arange(ROWS), lengths + 2, 64).for_rank(1, 2))
         wait_for_done(out, job, lambda done: done[rank1_rows].all())
         os.kill(workers[0], signal.SIGKILL)
@@ -106,7 +107,7 @@ def test_sigterm_to_torchrun_stops_every_rank_then_rerun_resumes(tmp_path, long_
 @pytest.mark.parametrize("extra", [[], ["--overwrite"]], ids=["plain", "overwrite"])  # a restart reruns the argv
 def test_the_launcher_restarts_killed_ranks_and_the_restart_resumes(tmp_path, long_job, extra):
     out = tmp_path / "out.h5"
-    job = subprocess.Popen([str(LOCAL_LAUNCHER), *map(str, long_job.args(out, *extra))], cwd=tmp_path, text=True,
+    job = subprocess.Popen([str(LOCAL_LAUNCHER), *long_job.args(out, *extra)], cwd=tmp_path, text=True,
                            env=launch_env(NPROC=2, MAX_RESTARTS=1, LOG_DIR=tmp_path / "logs"),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     workers = worker_pids(job.pid, 2)
@@ -134,6 +135,6 @@ def test_signal_to_a_plain_run_stops_it_then_rerun_resumes(tmp_path, long_job, s
     assert stderr.strip().splitlines()[-1] == stopped_line(stop_signal.name)
     assert "Traceback" not in stderr
     assert not lock_path(out).exists()
-    assert read_output(out)["status"] == "incomplete"
+    assert read_all(out)[1]["status"] == "incomplete"
     done = long_job.assert_done_rows_correct(out)
     _resume(long_job, out, done, resume_nproc)  # SIGUSR1's rerun uses two ranks instead of one

@@ -8,6 +8,7 @@ import pytest
 
 from cluster_jobs import LOCAL_LAUNCHER, launch_env, processes_mentioning, wait_for_rows
 from extract.check_output import find_problems
+from jobs import job_args
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +16,8 @@ def stopped_launch(tmp_path_factory, tiny_model_path, many_capsids_fasta):
     """Two ranks started by the launcher, sent SIGUSR1 once they have written rows."""
     where = tmp_path_factory.mktemp("launch")
     out = where / "capsids.h5"
-    job = subprocess.Popen([str(LOCAL_LAUNCHER), "--model", str(tiny_model_path), "--fasta", str(many_capsids_fasta),
-                            "--out", str(out), "--toks-per-batch", "600"],
+    args = job_args(tiny_model_path, many_capsids_fasta, out, "--toks-per-batch", "600")
+    job = subprocess.Popen([str(LOCAL_LAUNCHER), *args],
                            env=launch_env(NPROC=2, LOG_DIR=where / "logs"), cwd=where, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     wait_for_rows(out, job)
@@ -47,8 +48,8 @@ def test_bad_input_under_the_launcher_ends_with_its_line_and_exit_2(tmp_path, ti
     fasta = tmp_path / "bad.fasta"
     fasta.write_text(">a\nMKV\n>b\nMK1V\n")
     env = launch_env(NPROC=1, MAX_RESTARTS=1, LOG_DIR=tmp_path / "logs")
-    done = subprocess.run([str(LOCAL_LAUNCHER), "--model", str(tiny_model_path), "--fasta", str(fasta), "--out",
-                           str(tmp_path / "out.h5")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    done = subprocess.run([str(LOCAL_LAUNCHER), *job_args(tiny_model_path, fasta, tmp_path / "out.h5")], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
     console = done.stdout + done.stderr
     assert done.returncode == 2, console
     assert f"esm_features: error: {fasta}: record 2 (b): character(s) '1' not in the ESM-2 protein alphabet" in console

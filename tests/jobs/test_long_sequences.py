@@ -2,23 +2,16 @@
 
 import random
 
-import h5py
 import numpy as np
 import pytest
 
 from extract.models.long_sequences import LongSequencePolicy
-from fair_esm_reference import fair_esm_windowed, load_fair_esm, most_central_window
-from jobs import AMINO_ACIDS, phage_sample, run_extract, write_fasta
+from fair_esm_reference import fair_esm_windowed, most_central_window
+from jobs import AMINO_ACIDS, job_args, phage_sample, run_extract, run_in_process, write_fasta
+from output_checks import read_all
 
 ALL_OUTPUTS = ["--include", "mean", "bos", "per_tok", "--repr-layers", "0", "-1"]
 LAYERS = [0, 2]
-
-
-def _read(path):
-    with h5py.File(path, "r") as f:
-        data = {f"{group}/{name}": ds[()] for group in ("mean", "bos", "per_tok") for name, ds in f[group].items()}
-        data.update({name: f[name][()] for name in ("lengths", "truncated", "done")})
-        return data, dict(f.attrs)
 
 
 def _row(data, name, row):
@@ -26,10 +19,6 @@ def _row(data, name, row):
         offsets = data["per_tok/offsets"]
         return data[name][offsets[row] : offsets[row + 1]]
     return data[name][row]
-
-
-def _job(model, fasta, out, *extra):
-    return ["--model", model, "--fasta", fasta, "--out", out, *ALL_OUTPUTS, *extra]
 
 
 @pytest.mark.parametrize("window, overlap", [(30, 10), (30, 0), (30, 29), (7, 3), (1, 0), (1022, 255)])
@@ -82,16 +71,15 @@ def synthetic_runs(tmp_path_factory, tiny_model_path):
     for mode in ("window", "truncate"):
         out = tmp / f"{mode}.h5"
         overlap = ["--window-overlap", "10"] if mode == "window" else []
-        done = run_extract(_job(tiny_model_path, fasta, out, "--truncation-seq-length", "30",
-                                "--long-sequences", mode, *overlap))
-        assert done.returncode == 0, done.stderr
-        runs[mode] = _read(out)
+        assert run_in_process(job_args(tiny_model_path, fasta, out, *ALL_OUTPUTS, "--truncation-seq-length", "30",
+                                       "--long-sequences", mode, *overlap)) == 0
+        runs[mode] = read_all(out)
     return runs
 
 
-def test_windowed_rows_equal_fair_esm_on_the_windows_they_come_from(synthetic_runs, tiny_model_path):
+def test_windowed_rows_equal_fair_esm_on_the_windows_they_come_from(synthetic_runs, fair_esm_tiny):
     data, attrs = synthetic_runs["window"]
-    model, alphabet = load_fair_esm(tiny_model_path)
+    model, alphabet = fair_esm_tiny
     records = synthetic_runs["records"]
     lengths = [len(seq) for _, seq in records]
     assert data["per_tok/offsets"].tolist() == [0, *np.cumsum(lengths).tolist()]
@@ -117,15 +105,15 @@ def test_rows_that_fit_one_window_are_identical_in_both_modes(synthetic_runs):
         assert len(_row(truncated, "per_tok/layer_2", row)) == 30
 
 
-def test_real_long_proteins_through_the_default_window(tmp_path, tiny_model_path, phage_dir):
+def test_real_long_proteins_through_the_default_window(tmp_path, tiny_model_path, fair_esm_tiny, phage_dir):
     records = phage_sample(phage_dir, 4, long=2)  # 1151 and 1062 residues
     fasta = write_fasta(tmp_path / "phage.fasta", records)
     out = tmp_path / "out.h5"
-    done = run_extract(_job(tiny_model_path, fasta, out, "--long-sequences", "window"), nproc=2)
+    done = run_extract(job_args(tiny_model_path, fasta, out, *ALL_OUTPUTS, "--long-sequences", "window"), nproc=2)
     assert done.returncode == 0, done.stderr
-    data, attrs = _read(out)
+    data, attrs = read_all(out)
     assert (attrs["window_length"], attrs["window_overlap"]) == (1022, 255)
-    model, alphabet = load_fair_esm(tiny_model_path)
+    model, alphabet = fair_esm_tiny
     for row, (_, seq) in enumerate(records):
         for name, expected in fair_esm_windowed(model, alphabet, seq, 1022, 255, LAYERS).items():
             assert np.abs(_row(data, name, row) - expected).max() <= 1e-4, (row, name)
@@ -139,10 +127,9 @@ def test_real_long_proteins_through_the_default_window(tmp_path, tiny_model_path
     (["--window-overlap", "100"], "--window-overlap applies only with --long-sequences window"),
     (["--truncation-seq-length", "0"], "--truncation-seq-length 0: must be at least 1"),
 ])
-def test_bad_window_settings_are_one_line_and_exit_2(tmp_path, tiny_model_path, flags, message):
+def test_bad_window_settings_are_one_line_and_exit_2(tmp_path, tiny_model_path, capsys, flags, message):
     fasta = write_fasta(tmp_path / "in.fasta", [("a", "MKV")])
     out = tmp_path / "out.h5"
-    done = run_extract(["--model", tiny_model_path, "--fasta", fasta, "--out", out, *flags])
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"esm_features: error: {message}"]
+    assert run_in_process(job_args(tiny_model_path, fasta, out, *flags)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"esm_features: error: {message}"]
     assert not out.exists()

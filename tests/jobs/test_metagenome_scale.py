@@ -14,13 +14,15 @@ import h5py
 import numpy as np
 import pytest
 
-from fair_esm_reference import fair_esm_windowed, load_fair_esm
-from jobs import REPO, clean_env, extract_command, process_tree, random_proteins, run_extract, write_fasta
+from fair_esm_reference import fair_esm_windowed
+from jobs import (REPO, clean_env, extract_command, job_args, process_tree, random_proteins, run_extract,
+                  run_in_process, write_fasta)
+from output_checks import read_all
 
 # Mean and per-residue rows, proteins of 20 to 120 residues cut into windows of 40: a computed record's
 # copies take windows and per-token rows too.
-OUTPUTS = ["--include", "mean", "per_tok", "--long-sequences", "window", "--truncation-seq-length", "40",
-           "--window-overlap", "10"]
+OUTPUTS = ["--toks-per-batch", "150", "--include", "mean", "per_tok", "--long-sequences", "window",
+           "--truncation-seq-length", "40", "--window-overlap", "10"]
 DATASETS = ("mean/layer_2", "per_tok/layer_2")
 MEMORY_RECORDS = 1_000_000
 # The reader before the index (a Python str per id and per sequence) grew by 380 MiB reading these alone.
@@ -50,23 +52,13 @@ def inputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected(inputs, tiny_model_path):
+def expected(inputs, fair_esm_tiny):
     """fair-esm's own forward on the windows of every row, each distinct sequence computed once."""
     _, rows = inputs
-    model, alphabet = load_fair_esm(tiny_model_path)
+    model, alphabet = fair_esm_tiny
     windowed = {seq: fair_esm_windowed(model, alphabet, seq, 40, 10, [2]) for seq in {seq for _, seq in rows}}
     return {"mean/layer_2": np.stack([windowed[seq]["mean/layer_2"] for _, seq in rows]),
             "per_tok/layer_2": np.concatenate([windowed[seq]["per_tok/layer_2"] for _, seq in rows])}
-
-
-def _job(model, files, out, *extra):
-    return ["--model", model, "--fasta", *files, "--out", out, "--toks-per-batch", "150", *OUTPUTS, *extra]
-
-
-def _read(out):
-    with h5py.File(out, "r") as f:
-        return ({name: f[name][()] for name in ("ids", "lengths", "done", "per_tok/offsets", *DATASETS)},
-                dict(f.attrs))
 
 
 def _assert_close(data, reference, tolerance):
@@ -82,19 +74,18 @@ def _plan_lines(text):
 @pytest.fixture(scope="module")
 def uninterrupted(inputs, tiny_model_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted") / "out.h5"
-    done = run_extract(_job(tiny_model_path, inputs[0], out), nproc=2)
+    done = run_extract(job_args(tiny_model_path, inputs[0], out, *OUTPUTS), nproc=2)
     assert done.returncode == 0, done.stderr
     return out, done.stderr
 
 
 def test_identical_sequences_are_computed_once_and_equal_a_no_dedupe_run(inputs, expected, uninterrupted,
-                                                                       tiny_model_path, tmp_path):
+                                                                       tiny_model_path, tmp_path, capsys):
     files, rows = inputs
     out, log = uninterrupted
     single = tmp_path / "no_dedupe.h5"
-    done = run_extract(_job(tiny_model_path, files, single, "--no-dedupe"))
-    assert done.returncode == 0, done.stderr
-    (dedupe, attrs), (every, every_attrs) = _read(out), _read(single)
+    assert run_in_process(job_args(tiny_model_path, files, single, *OUTPUTS, "--no-dedupe")) == 0
+    (dedupe, attrs), (every, every_attrs) = read_all(out), read_all(single)
     assert [i.decode() for i in dedupe["ids"]] == [rid for rid, _ in rows]
     assert dedupe["lengths"].tolist() == [len(seq) for _, seq in rows]
     for name in ("ids", "lengths", "done", "per_tok/offsets"):
@@ -105,25 +96,25 @@ def test_identical_sequences_are_computed_once_and_equal_a_no_dedupe_run(inputs,
     distinct = len({seq for _, seq in rows})
     share = 100 * (len(rows) - distinct) / len(rows)
     assert f"{len(rows)} rows, {distinct} of them computed ({share:.1f}% were copies" in log
-    assert f"{len(rows)} rows, {len(rows)} of them computed (0.0% were copies" in done.stderr
+    assert f"{len(rows)} rows, {len(rows)} of them computed (0.0% were copies" in capsys.readouterr().err
     assert '"rows_computed": %d' % distinct in attrs["last_run"] and attrs["status"] == "complete"
     assert attrs["fingerprint"] == every_attrs["fingerprint"]
     assert not (out.parent / "out.h5.inputs").exists() and not (tmp_path / "no_dedupe.h5.inputs").exists()
 
 
-def test_dry_run_writes_nothing_and_plans_as_the_run_does(inputs, uninterrupted, tiny_model_path, tmp_path):
+def test_dry_run_writes_nothing_and_plans_as_the_run_does(inputs, uninterrupted, tiny_model_path, tmp_path, capsys):
     files, rows = inputs
     out = tmp_path / "planned.h5"
-    dry = run_extract(_job(tiny_model_path, files, out, "--dry-run", "2"))
-    assert dry.returncode == 0, dry.stderr
+    assert run_in_process(job_args(tiny_model_path, files, out, *OUTPUTS, "--dry-run", "2")) == 0
+    dry = capsys.readouterr().out
     assert os.listdir(tmp_path) == []
     distinct = len({seq for _, seq in rows})
-    assert f"inputs: {len(rows)} rows" in dry.stdout and f"{distinct} distinct sequences" in dry.stdout
-    assert f"output: {out} would be created" in dry.stdout
-    assert _plan_lines(dry.stdout) == _plan_lines(uninterrupted[1])
-    assert len(_plan_lines(dry.stdout)) == 4
-    complete = run_extract(_job(tiny_model_path, files, uninterrupted[0], "--dry-run"))
-    assert complete.returncode == 0 and f"{uninterrupted[0]} is complete; a run would do nothing" in complete.stdout
+    assert f"inputs: {len(rows)} rows" in dry and f"{distinct} distinct sequences" in dry
+    assert f"output: {out} would be created" in dry
+    assert _plan_lines(dry) == _plan_lines(uninterrupted[1])
+    assert len(_plan_lines(dry)) == 4
+    assert run_in_process(job_args(tiny_model_path, files, uninterrupted[0], *OUTPUTS, "--dry-run")) == 0
+    assert f"{uninterrupted[0]} is complete; a run would do nothing" in capsys.readouterr().out
 
 
 def _kill_once_rows_are_done(args, out):
@@ -148,22 +139,23 @@ def _kill_once_rows_are_done(args, out):
 
 
 def test_killed_job_with_dedupe_resumes_from_its_saved_index(inputs, expected, uninterrupted, tiny_model_path,
-                                                             tmp_path):
+                                                             tmp_path, capsys):
     files, rows = inputs
     out = tmp_path / "out.h5"
-    args = _job(tiny_model_path, files, out)
+    args = job_args(tiny_model_path, files, out, *OUTPUTS)
     _kill_once_rows_are_done(args, out)
-    done_at_kill = int(_read(out)[0]["done"].sum())
+    done_at_kill = int(read_all(out)[0]["done"].sum())
     assert 0 < done_at_kill < len(rows) and (tmp_path / "out.h5.inputs" / "manifest.json").exists()
-    dry = run_extract(args + ["--dry-run", "2"])
-    assert f"would be resumed, {done_at_kill} of {len(rows)} rows are done" in dry.stdout
+    assert run_in_process([*args, "--dry-run", "2"]) == 0
+    dry = capsys.readouterr().out
+    assert f"would be resumed, {done_at_kill} of {len(rows)} rows are done" in dry
     rerun = run_extract(args, nproc=2)
     assert rerun.returncode == 0, rerun.stderr
     assert "input index reused (inputs unchanged)" in rerun.stderr
-    assert _plan_lines(rerun.stderr) == _plan_lines(dry.stdout)
+    assert _plan_lines(rerun.stderr) == _plan_lines(dry)
     assert f"rows: {len(rows) - done_at_kill:,} to write" in rerun.stderr
-    resumed, attrs = _read(out)
-    reference, _ = _read(uninterrupted[0])
+    resumed, attrs = read_all(out)
+    reference, _ = read_all(uninterrupted[0])
     for name in ("ids", "lengths", "done", "per_tok/offsets"):
         np.testing.assert_array_equal(resumed[name], reference[name])
     _assert_close(resumed, reference, 1e-5)
@@ -171,17 +163,18 @@ def test_killed_job_with_dedupe_resumes_from_its_saved_index(inputs, expected, u
     assert attrs["status"] == "complete" and not (tmp_path / "out.h5.inputs").exists()
 
 
-def test_duplicate_ids_across_files_are_refused_before_anything_is_written(inputs, tiny_model_path, tmp_path):
+def test_duplicate_ids_across_files_are_refused_before_anything_is_written(inputs, tiny_model_path, tmp_path,
+                                                                          capsys):
     files, _ = inputs
     again = tmp_path / "again.fasta"
     again.write_text(">x1 fine\nMKV\n>a_copy7 the same id as in a.fasta\nMKV\n")
     out = tmp_path / "out.h5"
-    done = run_extract(_job(tiny_model_path, [files[0], again], out))
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == (
+    assert run_in_process(job_args(tiny_model_path, [files[0], again], out, *OUTPUTS)) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
         f"esm_features: error: {again}: record 2 (a_copy7): duplicate id, "
         f"first seen at {files[0]}: record 158 (a_copy7)")
-    assert "Traceback" not in done.stderr and os.listdir(tmp_path) == ["again.fasta"]
+    assert "Traceback" not in err and os.listdir(tmp_path) == ["again.fasta"]
 
 
 @pytest.fixture(scope="module")

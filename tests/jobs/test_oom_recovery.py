@@ -18,7 +18,7 @@ from extract.models.long_sequences import LongSequencePolicy
 from extract.models.esm2.checkpoints import load_model
 from extract.engine.planning import plan_batches
 from extract.models.pooling import OUTPUTS
-from fair_esm_reference import fair_esm_tokens, fair_esm_windowed, load_fair_esm
+from fair_esm_reference import fair_esm_tokens, fair_esm_windowed
 from jobs import ESM2_ALPHABET, phage_sample, write_fasta
 
 LAYERS = [1, 2]
@@ -65,9 +65,9 @@ def records(phage_dir):
 
 
 @pytest.fixture(scope="module")
-def expected(tiny_model_path, records):
+def expected(fair_esm_tiny, records):
     """Per row, fair-esm's own mean, BOS and per-residue representations (truncated as fair-esm does)."""
-    model, alphabet = load_fair_esm(tiny_model_path)
+    model, alphabet = fair_esm_tiny
     rows = []
     for tokens in fair_esm_tokens(model, alphabet, [seq for _, seq in records], LAYERS):
         rows.append({name: value for layer in LAYERS for name, value in (
@@ -136,7 +136,8 @@ def test_a_sequence_too_long_alone_is_computed_in_chunks(tmp_path, tiny_model_pa
     _assert_rows_match(out, expected)  # the longest row truncated as fair-esm does
 
 
-def test_a_windowed_protein_too_long_alone_is_computed_window_by_window(tmp_path, tiny_model_path, records):
+def test_a_windowed_protein_too_long_alone_is_computed_window_by_window(tmp_path, tiny_model_path, fair_esm_tiny,
+                                                                        records):
     by_length = sorted((record for record in records if len(record[1]) <= 1022), key=lambda record: len(record[1]))
     chosen = [by_length[-1], by_length[len(by_length) // 2], by_length[0]]  # the longest, a middle one, the shortest
     model = OutOfMemoryAbove(_embedder(tiny_model_path, "window", 256, 64), max_tokens=1000)
@@ -146,7 +147,7 @@ def test_a_windowed_protein_too_long_alone_is_computed_window_by_window(tmp_path
     windows = [len(LongSequencePolicy("window", 256, 64).window_starts(len(seq))) for _, seq in chosen]
     too_long = [len(seq) for (_, seq), count in zip(chosen, windows) if count * 258 > 1000]  # alone: > 1000 tokens
     assert model.low_memory_lengths == too_long and too_long == [len(by_length[-1][1])]
-    fair_model, alphabet = load_fair_esm(tiny_model_path)
+    fair_model, alphabet = fair_esm_tiny
     expected = [fair_esm_windowed(fair_model, alphabet, seq, 256, 64, LAYERS) for _, seq in chosen]
     assert _report(out)[0] == "complete"
     _assert_rows_match(out, expected)

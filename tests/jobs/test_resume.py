@@ -16,8 +16,8 @@ import torch
 from extract.output import hdf5_file
 from extract.esm_features import main
 from extract.models.esm2.checkpoints import build_random_esm2, fair_esm_checkpoint
-from fair_esm_reference import fair_esm_means, load_fair_esm
-from jobs import random_proteins, write_fasta
+from fair_esm_reference import fair_esm_means
+from jobs import job_args, random_proteins, write_fasta
 
 REFUSAL = "exists and was made from other inputs or settings; pass --overwrite to replace it, or choose another --out"
 
@@ -30,7 +30,7 @@ def job(tmp_path, tiny_model_path):
     out = tmp_path / "out.h5"
 
     def run(*extra, fasta_path=fasta):
-        return main(["--model", str(tiny_model_path), "--fasta", str(fasta_path), "--out", str(out), *extra])
+        return main(job_args(tiny_model_path, fasta_path, out, *extra))
 
     assert run() == 0
     return records, out, run
@@ -112,14 +112,14 @@ def test_a_reader_holding_the_file_at_the_end_is_waited_for_then_told(job, capsy
         assert json.loads(f.attrs["last_run"])["total"]["rows"] == 6  # a run that computed rows says what it did
 
 
-def test_overwrite_replaces_an_output_made_differently(tmp_path, tiny_model_path, job):
+def test_overwrite_replaces_an_output_made_differently(tmp_path, fair_esm_tiny, job):
     _, out, run = job
     with h5py.File(out, "r") as f:
         old_fingerprint = f.attrs["fingerprint"]
     other = random_proteins(4, seed=22, max_len=60)
     assert run("--overwrite", fasta_path=write_fasta(tmp_path / "other.fasta", other)) == 0
 
-    model, alphabet = load_fair_esm(tiny_model_path)
+    model, alphabet = fair_esm_tiny
     expected = fair_esm_means(model, alphabet, [seq for _, seq in other], [2])[2]
     with h5py.File(out, "r") as f:
         assert f.attrs["status"] == "complete" and f.attrs["fingerprint"] != old_fingerprint
@@ -140,7 +140,7 @@ def test_a_file_that_is_not_our_output_is_refused(tmp_path, tiny_model_path, cap
             f["data"] = np.arange(3)
     before = _digest(out)
     fasta = write_fasta(tmp_path / "in.fasta", random_proteins(2, max_len=30))
-    code = main(["--model", str(tiny_model_path), "--fasta", str(fasta), "--out", str(out)])
+    code = main(job_args(tiny_model_path, fasta, out))
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().splitlines()[-1].startswith(f"esm_features: error: {out}: {problem}")

@@ -7,7 +7,7 @@ import h5py
 import pytest
 
 from extract.data.fasta import read_inputs
-from jobs import ESM2_ALPHABET, run_extract
+from jobs import ESM2_ALPHABET, job_args, run_in_process
 
 
 def test_report_of_a_single_process_run(single_process_run, capsid_fasta):
@@ -43,12 +43,11 @@ def test_report_of_a_single_process_run(single_process_run, capsid_fasta):
 
 @pytest.mark.parametrize("where, problem", [("no_such_dir/report.json", "cannot write a file in {parent}"),
                                             ("a_dir", "is a directory; name a file in it")])
-def test_a_report_that_cannot_be_written_is_refused_before_any_work(tmp_path, tiny_model_path, capsid_fasta, where,
-                                                                     problem):
+def test_a_report_that_cannot_be_written_is_refused_before_any_work(tmp_path, tiny_model_path, capsid_fasta, capsys,
+                                                                     where, problem):
     out, report = tmp_path / "out.h5", tmp_path / where
     (tmp_path / "a_dir").mkdir()
-    done = run_extract(["--model", tiny_model_path, "--fasta", capsid_fasta, "--out", out, "--report", report])
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == (f"esm_features: error: --report {report}: "
+    assert run_in_process(job_args(tiny_model_path, capsid_fasta, out, "--report", report)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (f"esm_features: error: --report {report}: "
                                                     f"{problem.format(parent=report.parent)}")
     assert not out.exists()

@@ -153,14 +153,14 @@ def stopped_jobs(slurm_cluster, tmp_path_factory, tiny_model_path, many_capsids_
 
 
 @pytest.mark.parametrize("name", STOPS)
-def test_a_stopped_preemptible_job_is_requeued_and_resumes_to_a_complete_file(stopped_jobs, name, tiny_model_path,
+def test_a_stopped_preemptible_job_is_requeued_and_resumes_to_a_complete_file(stopped_jobs, name, fair_esm_tiny,
                                                                             many_capsids_fasta):
     stop = stopped_jobs[name]
     assert stop.fields["JobState"] == "COMPLETED" and stop.fields["Restarts"] == "1", stop.log
     resumed = re.search(r"\[rank 0/\d\] rows: (\d+) to write", stop.second)
     assert "(status incomplete)" in stop.second and 0 < int(resumed.group(1)) < 120, stop.log
     assert processes_mentioning(str(stop.out)) == []
-    assert_complete_and_like_fair_esm(stop.out, [many_capsids_fasta], tiny_model_path)
+    assert_complete_and_like_fair_esm(stop.out, [many_capsids_fasta], fair_esm_tiny)
 
 
 @pytest.mark.parametrize("name", GRACEFUL)
@@ -208,7 +208,7 @@ def test_node_names_do_not_resolve_as_host_names(slurm_cluster):
 
 
 def test_one_node_template_runs_one_rank_per_gpu_or_one_on_a_cpu(slurm_cluster, tmp_path, tiny_model_path,
-                                                                  capsid_fasta):
+                                                                  fair_esm_tiny, capsid_fasta):
     out = tmp_path / "one.h5"
     env = user_env(FASTA=capsid_fasta, MODEL=tiny_model_path, OUT=out, LOG_DIR=tmp_path / "logs")
     del env["ESM_FEATURES_DIR"]  # found as the submit directory, as when users submit from the checkout
@@ -218,7 +218,7 @@ def test_one_node_template_runs_one_rank_per_gpu_or_one_on_a_cpu(slurm_cluster, 
     assert fields["JobState"] == "COMPLETED", log
     ranks = max(1, torch.cuda.device_count())
     assert f"[rank 0/{ranks}] complete: 16 rows" in log
-    assert_complete_and_like_fair_esm(out, [capsid_fasta], tiny_model_path)
+    assert_complete_and_like_fair_esm(out, [capsid_fasta], fair_esm_tiny)
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +275,7 @@ def test_progress_lines_count_the_rows_of_every_rank(two_node_job):
 
 
 def test_job_array_gives_each_fasta_its_output_and_logs_and_its_rerun_leaves_finished_tasks_alone(
-        slurm_cluster, tmp_path, tiny_model_path, capsid_fasta, phage_dir):
+        slurm_cluster, tmp_path, tiny_model_path, fair_esm_tiny, capsid_fasta, phage_dir):
     tails = tmp_path / "tails.fasta.gz"
     tails.write_bytes(gzip.compress(write_fasta(tmp_path / "tails.fasta", phage_sample(phage_dir, 40, long=0))
                                     .read_bytes()))
@@ -305,5 +305,5 @@ def test_job_array_gives_each_fasta_its_output_and_logs_and_its_rerun_leaves_fin
     assert "already complete; nothing to do" in rerun[0], rerun[0]
     assert (out_dir / "capsid.h5").stat().st_mtime_ns == finished.st_mtime_ns
     assert "resuming" in rerun[1] and "complete: " in rerun[1], rerun[1]
-    assert_complete_and_like_fair_esm(out_dir / "capsid.h5", [capsid_fasta], tiny_model_path)
-    assert_complete_and_like_fair_esm(out_dir / "tails.h5", [tails], tiny_model_path)
+    assert_complete_and_like_fair_esm(out_dir / "capsid.h5", [capsid_fasta], fair_esm_tiny)
+    assert_complete_and_like_fair_esm(out_dir / "tails.h5", [tails], fair_esm_tiny)

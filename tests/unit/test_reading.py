@@ -8,13 +8,13 @@ import pytest
 
 from extract.data.fasta import read_inputs
 from extract.reading import Embeddings
-from fair_esm_reference import fair_esm_means, fair_esm_representations, load_fair_esm
+from fair_esm_reference import fair_esm_means, fair_esm_representations
 from jobs import ESM2_ALPHABET
 
 
-def test_in_input_order_is_fair_esms_mean_for_each_fasta_record(single_process_run, capsid_fasta, tiny_model_path):
+def test_in_input_order_is_fair_esms_mean_for_each_fasta_record(single_process_run, capsid_fasta, fair_esm_tiny):
     inputs = read_inputs([capsid_fasta], ESM2_ALPHABET)
-    model, alphabet = load_fair_esm(tiny_model_path)
+    model, alphabet = fair_esm_tiny
     expected = fair_esm_means(model, alphabet, inputs.sequences, [2])[2]
     with Embeddings(single_process_run.out) as emb:
         assert emb.ids == inputs.ids and emb.layers() == [2] and emb.done.all()
@@ -22,9 +22,9 @@ def test_in_input_order_is_fair_esms_mean_for_each_fasta_record(single_process_r
         np.testing.assert_array_equal(emb.in_input_order(layer=2), emb.in_input_order())
 
 
-def test_residues_are_fair_esms_per_residue_representations(single_process_run, capsid_fasta, tiny_model_path):
+def test_residues_are_fair_esms_per_residue_representations(single_process_run, capsid_fasta, fair_esm_tiny):
     inputs = read_inputs([capsid_fasta], ESM2_ALPHABET)
-    model, alphabet = load_fair_esm(tiny_model_path)
+    model, alphabet = fair_esm_tiny
     expected = fair_esm_representations(model, alphabet, inputs.sequences[:3], [2])
     with Embeddings(single_process_run.out) as emb:
         assert emb.layers("per_tok") == [2]

@@ -1,8 +1,8 @@
-"""Progress reports: what they say, when they are printed, and the bar on a terminal."""
+"""Progress reports: what they say, when they are printed, and the bar (drawn by a whole job on a terminal in
+tests/jobs/test_progress_on_a_terminal.py)."""
 
 import io
 import logging
-import re
 
 import numpy as np
 import pytest
@@ -58,12 +58,3 @@ def test_rows_written_show_up_and_no_line_comes_before_the_interval(tmp_path, lo
     writer.close()
     assert (snapshot.rows, snapshot.total_rows, snapshot.residues, snapshot.total_residues) == (6, 10, 210, 550)
     assert lines == []
-
-
-def test_a_terminal_gets_one_bar_redrawn_in_place(single_process_run):
-    terminal = single_process_run.terminal
-    assert "progress:" not in terminal
-    draws = re.findall(r"\r\[([#.]{30})\] (\d+)/16 rows", terminal)
-    assert draws and draws[-1] == ("#" * 30, "16")
-    # The bar's line ends once, at the end; a terminal shows "\n" as "\r\n".
-    assert re.search(r"\] 16/16 rows, [\d.]+k/[\d.]+k residues \(100%\), [^\r\n]*\r\n", terminal)

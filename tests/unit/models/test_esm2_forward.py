@@ -171,13 +171,20 @@ def test_an_attention_that_does_not_exist_is_refused(tiny):
         embed_batch(model, _packed(alphabet), [1], "dense")
 
 
+@pytest.fixture(scope="module")
+def fp32_means(phage_dir):
+    """Real proteins and fair-esm's fp32 means of layers 3 and 6 of the seeded random ESM-2 8M."""
+    seqs = [seq for _, seq in phage_sample(phage_dir, 20, long=2)]
+    model = build_random_esm2(6, 320, 20).eval()
+    return seqs, fair_esm_means(model, model.alphabet, seqs, [3, 6])
+
+
 # The jagged attention (the CUDA default) falls back to a slow math kernel on the CPU: it is checked in fp32 above.
 @pytest.mark.parametrize("attention", [PER_SEQUENCE, PADDED, CHUNKED])
-def test_bf16_mean_embeddings_match_fp32_fair_esm_on_real_proteins(phage_dir, attention):
-    model = build_random_esm2(6, 320, 20).eval()
+def test_bf16_mean_embeddings_match_fp32_fair_esm_on_real_proteins(fp32_means, attention):
+    model = build_random_esm2(6, 320, 20).eval()  # the same seeded weights, cast in place below
     alphabet = model.alphabet
-    seqs = [seq for _, seq in phage_sample(phage_dir, 20, long=2)]
-    expected = fair_esm_means(model, alphabet, seqs, [3, 6])
+    seqs, expected = fp32_means
     batch = pack(alphabet, seqs, 1022)
     with torch.inference_mode():
         embed_batch(model, pack(alphabet, seqs[:2], 1022), [6])  # used in fp32 first, then cast in place

@@ -26,9 +26,9 @@ def _mapped_ranges(path) -> list[tuple[int, int]]:
     return [tuple(int(address, 16) for address in f[0].split("-")) for f in fields if f[-1] == str(path)]
 
 
-def test_fp32_load_gives_fair_esm_loaders_weights(tiny_model_path):
+def test_fp32_load_gives_fair_esm_loaders_weights(tiny_model_path, fair_esm_tiny):
     ours = load_model(str(tiny_model_path)).model
-    theirs, _ = load_fair_esm(tiny_model_path)
+    theirs, _ = fair_esm_tiny
     _assert_same_state(ours.state_dict(), theirs.state_dict())
     assert ours.embed_tokens.weight is ours.lm_head.weight  # tied, as in fair-esm's module
     assert not ours.training
@@ -47,7 +47,7 @@ def test_fp32_on_the_cpu_computes_on_the_files_own_pages(tiny_model_path):
 
 def test_bf16_load_gives_fair_esm_model_in_bf16(tiny_model_path):
     ours = load_model(str(tiny_model_path), dtype=torch.bfloat16).model
-    theirs, _ = load_fair_esm(tiny_model_path)
+    theirs, _ = load_fair_esm(tiny_model_path)  # its own: cast to bf16 in place below
     _assert_same_state(ours.state_dict(), theirs.to(torch.bfloat16).state_dict())
     assert ours.layers[0].self_attn.rot_emb.inv_freq.dtype == torch.bfloat16  # a buffer, converted too
 
