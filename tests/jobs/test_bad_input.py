@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
-from extract.esm_features import main
 from fair_esm_reference import fair_esm_means
-from jobs import job_args
+from jobs import job_args, run_in_process
 from output_checks import read_all
 
 
@@ -36,7 +35,7 @@ def _wrapped(seq, width=60):
 def _run(tmp_path, model, fasta_paths, *extra):
     out = tmp_path / "out" / "out.h5"
     out.parent.mkdir(exist_ok=True)
-    code = main(job_args(model, fasta_paths, out, *extra))
+    code = run_in_process(job_args(model, fasta_paths, out, *extra))
     return code, out
 
 
@@ -174,7 +173,7 @@ def test_the_same_fasta_twice_is_refused(tmp_path, tiny_model_path, capsys):
 def test_an_output_naming_the_input_is_refused_and_the_input_kept(tmp_path, tiny_model_path, capsys, extra):
     path = tmp_path / "input.fasta"
     path.write_text(">a\nMKV\n")
-    code = main(job_args(tiny_model_path, path, path, *extra))
+    code = run_in_process(job_args(tiny_model_path, path, path, *extra))
     err = capsys.readouterr().err
     assert code == 2 and err.strip().splitlines()[-1] == (f"esm_features: error: {path}: is one of the --fasta "
                                                           f"inputs; choose another --out")
@@ -184,7 +183,7 @@ def test_an_output_naming_the_input_is_refused_and_the_input_kept(tmp_path, tiny
 def test_an_output_naming_a_directory_is_refused(tmp_path, tiny_model_path, capsys):
     fasta = tmp_path / "input.fasta"
     fasta.write_text(">a\nMKV\n")
-    code = main(job_args(tiny_model_path, fasta, tmp_path))
+    code = run_in_process(job_args(tiny_model_path, fasta, tmp_path))
     err = capsys.readouterr().err
     assert code == 2 and err.strip().splitlines() == [f"esm_features: error: {tmp_path}: is a directory; name the "
                                                       f"output file"]
@@ -192,7 +191,7 @@ def test_an_output_naming_a_directory_is_refused(tmp_path, tiny_model_path, caps
 
 def test_output_in_a_missing_folder_is_refused_before_reading_input(tmp_path, tiny_model_path, capsys):
     out = tmp_path / "missing" / "out.h5"
-    code = main(job_args(tiny_model_path, tmp_path / "nowhere.fasta", out))
+    code = run_in_process(job_args(tiny_model_path, tmp_path / "nowhere.fasta", out))
     err = capsys.readouterr().err
     assert code == 2
     # The input is missing too, but the output is looked at first: a job that cannot write learns it at once.
@@ -204,7 +203,7 @@ def test_output_in_a_missing_folder_is_refused_before_reading_input(tmp_path, ti
 def test_a_dry_run_refuses_an_output_folder_that_is_missing_as_the_run_does(tmp_path, tiny_model_path, capsys):
     fasta, out = tmp_path / "input.fasta", tmp_path / "missing" / "out.h5"
     fasta.write_text(">a\nMKV\n")
-    code = main(job_args(tiny_model_path, fasta, out, "--dry-run"))
+    code = run_in_process(job_args(tiny_model_path, fasta, out, "--dry-run"))
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().splitlines()[-1] == (f"esm_features: error: {out}: cannot write in {out.parent} "

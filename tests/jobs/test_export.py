@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from extract import export
-from extract.esm_features import main as extract_main
 from fair_esm_reference import fair_esm_extract
-from jobs import job_args, phage_sample, random_proteins
+from jobs import job_args, phage_sample, random_proteins, run_in_process
 from output_checks import assert_same_as_fair_esms_files
 
 ALL_OUTPUTS = ["--include", "mean", "bos", "per_tok"]
@@ -27,7 +26,7 @@ def _fasta(path, records, description=""):
 
 def _embedded(tmp_path, model, fasta, *flags):
     out = tmp_path / "out.h5"
-    assert extract_main(job_args(model, fasta, out, *flags)) == 0
+    assert run_in_process(job_args(model, fasta, out, *flags)) == 0
     return out
 
 

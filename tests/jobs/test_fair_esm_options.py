@@ -13,7 +13,7 @@ import pytest
 from extract import export
 from extract.esm_features import create_parser, main
 from fair_esm_reference import fair_esm_extract, fair_esm_means
-from jobs import job_args, phage_sample, write_fasta
+from jobs import job_args, phage_sample, run_in_process, write_fasta
 from output_checks import assert_same_as_fair_esms_files
 
 REQUIRED = job_args("m.pt", "in.fasta", "out.h5")
@@ -31,7 +31,7 @@ def test_fair_esms_spellings_parse_as_our_options():
 def test_a_job_in_fair_esms_spellings_gives_fair_esms_means(tmp_path, tiny_model_path, fair_esm_tiny, phage_dir):
     records = phage_sample(phage_dir, 6, long=1)
     fasta, out = write_fasta(tmp_path / "in.fasta", records), tmp_path / "out.h5"
-    assert main(job_args(tiny_model_path, fasta, out, "--repr_layers", "0", "-1", "--toks_per_batch", "300",
+    assert run_in_process(job_args(tiny_model_path, fasta, out, "--repr_layers", "0", "-1", "--toks_per_batch", "300",
                          "--truncation_seq_length", "30", "--nogpu")) == 0
     model, alphabet = fair_esm_tiny
     expected = fair_esm_means(model, alphabet, [seq for _, seq in records], [0, 2], truncation_seq_length=30)
@@ -45,7 +45,7 @@ def test_a_job_in_fair_esms_spellings_gives_fair_esms_means(tmp_path, tiny_model
 @pytest.mark.parametrize("flags", [["--nogpu", "--device", "cuda"], ["--device", "cuda", "--nogpu"]])
 def test_nogpu_with_device_cuda_is_refused_in_one_line(tmp_path, capsys, flags):
     out = tmp_path / "out.h5"
-    assert main(job_args("m.pt", "in.fasta", out, *flags)) == 2
+    assert run_in_process(job_args("m.pt", "in.fasta", out, *flags)) == 2
     assert capsys.readouterr().err == "esm_features: error: --nogpu and --device cuda contradict each other; " \
                                       "give one of them\n"
     assert not out.exists()
@@ -75,6 +75,6 @@ def test_fair_esms_positional_form_gets_the_equivalent_command_which_gives_fair_
     assert not output_dir.exists()
 
     job, exporter = _suggested(err)
-    assert main(job[1:]) == 0 and export.main(exporter[1:]) == 0
+    assert run_in_process(job[1:]) == 0 and export.main(exporter[1:]) == 0
     fair_esm_extract(tiny_model_path, fasta, tmp_path / "fair_esm", [0, -1], ["mean", "per_tok"])
     assert_same_as_fair_esms_files(output_dir, tmp_path / "fair_esm", layers=[0, 2])

@@ -9,11 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from extract.esm_features import main
 from hugging_face_models import (esm2_config, fair_esm_to_hugging_face, fake_hub_cache, save_random_model,
                                  transformers_tokens)
 from fair_esm_reference import fair_esm_tokens
-from jobs import job_args, phage_sample, random_proteins, write_fasta
+from jobs import job_args, phage_sample, random_proteins, run_in_process, write_fasta
 from output_checks import read_all
 
 REPO_ID = "facebook/esm2_tiny_UR50D"
@@ -22,7 +21,7 @@ LAYERS = ["--repr-layers", "0", "1", "2"]
 
 
 def _run(model, fasta, out, *extra) -> int:
-    return main(job_args(model, fasta, out, "--toks-per-batch", "2048", *extra))
+    return run_in_process(job_args(model, fasta, out, "--toks-per-batch", "2048", *extra))
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +212,7 @@ def test_a_checkpoint_that_is_not_esm2_is_refused_before_any_work(tmp_path, unus
     model, problem = cases[case]
     out = tmp_path / "out" / "out.h5"
     out.parent.mkdir()
-    code = main(job_args(model, tmp_path / "missing.fasta", out))
+    code = run_in_process(job_args(model, tmp_path / "missing.fasta", out))
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("esm_features: error: model ") and err.endswith(problem), err

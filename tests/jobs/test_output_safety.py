@@ -9,11 +9,10 @@ import h5py
 import pytest
 import torch
 
-from extract.esm_features import main
 from extract.models.esm2.checkpoints import ESM2_ARCHITECTURES
 from extract.output.lock import lock_path
 from job_control import start_extract, wait_for_done_rows
-from jobs import job_args, random_proteins, write_fasta
+from jobs import job_args, random_proteins, run_in_process, write_fasta
 from long_job import LAYER
 
 
@@ -23,8 +22,8 @@ def test_a_second_job_on_the_same_output_is_refused(tmp_path, long_job, capsys):
     wait_for_done_rows(out, first, 10)
     first.send_signal(signal.SIGSTOP)  # hold the first job mid-run, its lock held
     try:
-        second = main(long_job.args(out))
-        second_overwriting = main(long_job.args(out, "--overwrite"))
+        second = run_in_process(long_job.args(out))
+        second_overwriting = run_in_process(long_job.args(out, "--overwrite"))
     finally:
         first.send_signal(signal.SIGCONT)
     _, first_err = first.communicate(timeout=120)
@@ -104,7 +103,7 @@ def test_an_unusable_model_is_refused_before_any_work(tmp_path, tiny_model_path,
     fasta = write_fasta(tmp_path / "in.fasta", random_proteins(3, max_len=30))
     out = tmp_path / "out" / "out.h5"
     out.parent.mkdir()
-    code = main(job_args(model, fasta, out))
+    code = run_in_process(job_args(model, fasta, out))
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().splitlines()[-1].startswith(f"esm_features: error: model {model}: {problem}"), err
@@ -114,7 +113,7 @@ def test_an_unusable_model_is_refused_before_any_work(tmp_path, tiny_model_path,
 
 def test_a_bad_model_is_refused_before_the_inputs_are_read(tmp_path, capsys):
     out = tmp_path / "out.h5"
-    code = main(job_args(tmp_path / "missing.pt", tmp_path / "missing.fasta", out))
+    code = run_in_process(job_args(tmp_path / "missing.pt", tmp_path / "missing.fasta", out))
     assert code == 2
     assert capsys.readouterr().err.strip() == (f"esm_features: error: model {tmp_path / 'missing.pt'}: no such file "
                                                f"or directory, and not a fair-esm ESM-2 name "

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from extract.output import hdf5_file
-from extract.esm_features import main
 from extract.errors import UserError
 from fair_esm_reference import fair_esm_tokens
 from jobs import job_args, phage_sample, random_proteins, run_extract, run_in_process, write_fasta
@@ -76,7 +75,7 @@ def test_bos_alone_is_fair_esms_bos_and_nothing_else(tmp_path, tiny_model_path, 
 def test_flags_given_twice_add_up(tmp_path, tiny_model_path):
     fasta = write_fasta(tmp_path / "in.fasta", random_proteins(3, max_len=40))
     out = tmp_path / "twice.h5"
-    assert main(job_args(tiny_model_path, fasta, out, "--include", "mean", "--include", "bos", "--repr-layers", "0",
+    assert run_in_process(job_args(tiny_model_path, fasta, out, "--include", "mean", "--include", "bos", "--repr-layers", "0",
                      "--repr-layers", "-1")) == 0
     data, attrs = read_all(out)
     assert sorted(name for name in data if "/" in name) == ["bos/layer_0", "bos/layer_2", "mean/layer_0",

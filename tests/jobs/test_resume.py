@@ -14,10 +14,9 @@ import pytest
 import torch
 
 from extract.output import hdf5_file
-from extract.esm_features import main
 from extract.models.esm2.checkpoints import build_random_esm2, fair_esm_checkpoint
 from fair_esm_reference import fair_esm_means
-from jobs import job_args, random_proteins, write_fasta
+from jobs import job_args, random_proteins, run_in_process, write_fasta
 
 REFUSAL = "exists and was made from other inputs or settings; pass --overwrite to replace it, or choose another --out"
 
@@ -30,7 +29,7 @@ def job(tmp_path, tiny_model_path):
     out = tmp_path / "out.h5"
 
     def run(*extra, fasta_path=fasta):
-        return main(job_args(tiny_model_path, fasta_path, out, *extra))
+        return run_in_process(job_args(tiny_model_path, fasta_path, out, *extra))
 
     assert run() == 0
     return records, out, run
@@ -140,7 +139,7 @@ def test_a_file_that_is_not_our_output_is_refused(tmp_path, tiny_model_path, cap
             f["data"] = np.arange(3)
     before = _digest(out)
     fasta = write_fasta(tmp_path / "in.fasta", random_proteins(2, max_len=30))
-    code = main(job_args(tiny_model_path, fasta, out))
+    code = run_in_process(job_args(tiny_model_path, fasta, out))
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().splitlines()[-1].startswith(f"esm_features: error: {out}: {problem}")
