@@ -62,7 +62,8 @@ def auto_gpu_dtype(capability: tuple[int, int]) -> DtypeChoice:
 
 def auto_cpu_dtype(capabilities: Mapping[str, object] | None, source: str) -> DtypeChoice:
     """bf16 where the CPU reports AMX tiles with bf16 (`amx_tile` and `amx_bf16`, as torch's and Linux's
-    flags name them); without matrix units a bf16 matmul is slower than fp32 (docs/benchmarks.md)."""
+    flags name them). Without matrix units bf16's speed depends on the CPU (slower than fp32 on one Xeon
+    with avx512_bf16, several times faster on an AMD EPYC with it: docs/benchmarks.md), so fp32 stays."""
     if capabilities is None:
         return DtypeChoice(torch.float32, f"auto: fp32, as bf16 matrix units (AMX) could not be looked for: {source}")
     if capabilities.get("amx_tile") and capabilities.get("amx_bf16"):

@@ -5,7 +5,9 @@ import json
 import subprocess
 import sys
 
+from crafted_checkpoints import code_running_fair_esm_pt
 from jobs import REPO, clean_env, phage_sample, write_fasta
+from launch import benchmark
 from launch.benchmark_peers import PEERS  # each peer's module: where one is missing, the benchmark says so
 
 # How close each is to fair-esm in fp32, as (max abs difference, lowest cosine) of the mean embeddings:
@@ -47,3 +49,15 @@ def test_the_benchmark_runs_every_tool_and_checks_each_against_fair_esms_output(
     if "transformers" in installed:
         assert peers[0]["tool"].endswith("EsmModel, SDPA (fp32)")
         assert peers[0]["padding_share"] == fair_esm["padding_share"]  # fair-esm's batches
+
+
+def test_a_model_whose_loading_would_run_code_is_refused_in_one_line_and_never_runs(tmp_path, capsys):
+    marker = tmp_path / "marker"
+    crafted = code_running_fair_esm_pt(tmp_path / "crafted.pt", marker)
+    fasta = write_fasta(tmp_path / "in.fasta", [("p1", "MKV")])
+    assert benchmark.main(["--model", str(crafted), "--fasta", str(fasta), "--workdir", str(tmp_path / "work")]) == 2
+    assert capsys.readouterr().err == (
+        f"benchmark: error: model {crafted}: refused: it holds more than weights and settings (Unsupported global: "
+        f"GLOBAL io.open was not an allowed global by default), and loading it would run code from the file; save "
+        f"the weights alone (a state dict, or safetensors)\n")
+    assert not marker.exists()

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from hugging_face_models import (esm2_config, fair_esm_to_hugging_face, fake_hub_cache, save_random_model,
                                  transformers_tokens)
 from fair_esm_reference import fair_esm_tokens
+from crafted_checkpoints import WritesMarker, code_running_fair_esm_pt
 from jobs import job_args, phage_sample, random_proteins, run_in_process, write_fasta
 from output_checks import read_all
 
@@ -96,18 +97,8 @@ def test_a_dry_run_names_the_commit_without_reading_weights(tmp_path, hub, capsy
     assert not (tmp_path / "out.h5").exists()
 
 
-class WritesMarker:
-    """Unpickling this writes a file: what a malicious checkpoint would do, harmlessly."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def _code_running_checkpoints(folder, marker):
-    torch.save({"cfg": {"model": WritesMarker(marker)}, "model": {}}, folder / "crafted.pt")
+    code_running_fair_esm_pt(folder / "crafted.pt", marker)
     directory = save_random_model(folder / "crafted_hf", esm2_config(1, 16, 2))
     (directory / "model.safetensors").unlink()
     torch.save({"esm.embeddings.word_embeddings.weight": WritesMarker(marker)}, directory / "pytorch_model.bin")
