@@ -68,7 +68,10 @@ def auto_cpu_dtype(capabilities: Mapping[str, object] | None, source: str) -> Dt
         return DtypeChoice(torch.float32, f"auto: fp32, as bf16 matrix units (AMX) could not be looked for: {source}")
     if capabilities.get("amx_tile") and capabilities.get("amx_bf16"):
         return DtypeChoice(torch.bfloat16, f"auto: this CPU has bf16 matrix units (AMX, from {source})")
-    return DtypeChoice(torch.float32, f"auto: this CPU has no bf16 matrix units (no AMX, from {source})")
+    reason = f"auto: this CPU has no bf16 matrix units (no AMX, from {source})"
+    if capabilities.get("avx512_bf16"):
+        reason += "; it has avx512_bf16, with which --dtype bf16 can be faster (docs/benchmarks.md)"
+    return DtypeChoice(torch.float32, reason)
 
 
 def cpu_capabilities() -> tuple[Mapping[str, object] | None, str]:

@@ -32,10 +32,14 @@ def test_a_cpu_with_amx_bf16_gets_bf16_and_says_why():
                                  "auto: this CPU has bf16 matrix units (AMX, from torch.cpu.get_capabilities())")
 
 
-def test_a_cpu_without_amx_gets_fp32_even_with_avx512_bf16():
+def test_a_cpu_without_amx_gets_fp32_even_with_avx512_bf16_and_hears_of_bf16():
     choice = auto_cpu_dtype(EPYC_ZEN4, "torch.cpu.get_capabilities()")
     assert choice == DtypeChoice(torch.float32,
-                                 "auto: this CPU has no bf16 matrix units (no AMX, from torch.cpu.get_capabilities())")
+                                 "auto: this CPU has no bf16 matrix units (no AMX, from torch.cpu.get_capabilities()); "
+                                 "it has avx512_bf16, with which --dtype bf16 can be faster (docs/benchmarks.md)")
+    without_bf16 = auto_cpu_dtype({**EPYC_ZEN4, "avx512_bf16": False}, "/proc/cpuinfo")
+    assert without_bf16 == DtypeChoice(torch.float32,
+                                       "auto: this CPU has no bf16 matrix units (no AMX, from /proc/cpuinfo)")
 
 
 def test_amx_tiles_without_their_bf16_instructions_are_not_enough():
