@@ -12,6 +12,7 @@ package is a dependency of the job: both are optional extras of the benchmark (`
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import re
@@ -48,10 +49,19 @@ HUGGING_FACE_NAMES = [
 ]
 
 
+# The oldest major version each peer's code here runs with (transformers 4 lays out ESM's weights otherwise).
+OLDEST_MAJOR = {"transformers": 5}
+
+
 def missing_module(peer: str) -> str | None:
     """Why `peer` cannot run here, or None when it can."""
     module = PEERS[peer]
-    return None if importlib.util.find_spec(module) else f"{module} is not installed (pip install -e '.[bench]')"
+    if not importlib.util.find_spec(module):
+        return f"{module} is not installed (pip install -e '.[bench]')"
+    version = importlib.metadata.version(module)
+    if int(version.split(".")[0]) < OLDEST_MAJOR.get(module, 0):
+        return f"{module} {version} is older than {OLDEST_MAJOR[module]} (pip install -e '.[bench]')"
+    return None
 
 
 def hugging_face_state_dict(fair_esm_state: dict) -> dict:

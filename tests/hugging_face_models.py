@@ -53,7 +53,9 @@ def save_random_model(directory: Path, config: EsmConfig, seed: int = 0, model_c
 
 def rewrite_as_the_hub_files_are(source: Path, directory: Path, prefix: str = "esm.") -> Path:
     """The same weights spelled as the hub's `facebook/esm2_*` safetensors are: `LayerNorm.weight`/`.bias`,
-    one rotary `inv_freq` per layer; `prefix=""` drops the `esm.` prefix, as an `EsmModel` has none."""
+    one rotary `inv_freq` per layer, and the learned position table (random, unused with rotary positions)
+    and `position_ids` that transformers 4 saved; `prefix=""` drops the `esm.` prefix, as an `EsmModel` has
+    none."""
     config = json.loads((source / "config.json").read_text())
     state = safetensors.torch.load_file(source / "model.safetensors")
     renamed = {}
@@ -66,6 +68,9 @@ def rewrite_as_the_hub_files_are(source: Path, directory: Path, prefix: str = "e
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     for layer in range(config["num_hidden_layers"]):
         renamed[f"{prefix}encoder.layer.{layer}.attention.self.rotary_embeddings.inv_freq"] = inv_freq.clone()
+    positions = config["max_position_embeddings"]
+    renamed[f"{prefix}embeddings.position_embeddings.weight"] = torch.randn(positions, config["hidden_size"])
+    renamed[f"{prefix}embeddings.position_ids"] = torch.arange(positions)[None, :]
     directory.mkdir(parents=True)
     safetensors.torch.save_file(renamed, directory / "model.safetensors", metadata={"format": "pt"})
     shutil.copy(source / "config.json", directory / "config.json")

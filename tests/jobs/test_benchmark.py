@@ -1,5 +1,6 @@
 """launch/benchmark.py: fair-esm's extract workflow, ours and the installed peers on the same input and weights."""
 
+import importlib.metadata
 import importlib.util
 import json
 import subprocess
@@ -8,12 +9,20 @@ import sys
 from crafted_checkpoints import code_running_fair_esm_pt
 from jobs import REPO, clean_env, phage_sample, write_fasta
 from launch import benchmark
-from launch.benchmark_peers import PEERS  # each peer's module: where one is missing, the benchmark says so
+from launch.benchmark_peers import OLDEST_MAJOR, PEERS, missing_module  # where a peer cannot run, it says why
 
 # How close each is to fair-esm in fp32, as (max abs difference, lowest cosine) of the mean embeddings:
 # esm.cpp's int8 weights, quantised without calibration, are the only ones not exact.
 CLOSE = {"esm-features": (1e-4, 0.99999), "transformers": (1e-4, 0.99999), "esm-cpp": (1e-4, 0.99999),
          "esm-cpp-int8": (0.1, 0.99)}
+
+
+def _why_not(peer: str) -> str:
+    module = PEERS[peer]
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not installed (pip install -e '.[bench]')"
+    version = importlib.metadata.version(module)
+    return f"{module} {version} is older than {OLDEST_MAJOR[module]} (pip install -e '.[bench]')"
 
 
 def test_the_benchmark_runs_every_tool_and_checks_each_against_fair_esms_output(tmp_path, tiny_model_path,
@@ -28,10 +37,9 @@ def test_the_benchmark_runs_every_tool_and_checks_each_against_fair_esms_output(
     setup, *lines = (json.loads(line) for line in done.stdout.splitlines())
     assert setup["model"]["proteins"] == 6 and setup["model"]["layers"] == 2
     assert setup["dtype"] == "fp32" and setup["dtype_reason"] == "--dtype fp32 as requested"
-    installed = [peer for peer, module in PEERS.items() if importlib.util.find_spec(module)]
+    installed = [peer for peer in PEERS if missing_module(peer) is None]
     skipped = {line["tool"]: line["skipped"] for line in lines if "skipped" in line}
-    assert skipped == {peer: f"{PEERS[peer]} is not installed (pip install -e '.[bench]')"
-                       for peer in PEERS if peer not in installed}
+    assert skipped == {peer: _why_not(peer) for peer in PEERS if peer not in installed}
     rows = [line for line in lines if "skipped" not in line]
     fair_esm, ours, *peers = rows
     assert fair_esm["tool"] == "fair-esm extract (fp32)" and ours["tool"] == "esm-features (fp32)"

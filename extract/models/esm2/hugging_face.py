@@ -6,7 +6,7 @@ A model directory as transformers' `save_pretrained` writes it, for `EsmModel`, 
 `model.safetensors.index.json`, or `pytorch_model.bin` (sharded or not). The encoder is taken and any head
 left out. Key spellings of every transformers version are read: `LayerNorm.weight`/`.bias` or
 `.gamma`/`.beta`, with or without the `esm.` prefix, with or without rotary `inv_freq` buffers (the module
-computes its own, as fair-esm does).
+computes its own, as fair-esm does) and transformers 4's unused learned position table.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ PARAMETER = {"weight": "weight", "bias": "bias", "gamma": "weight", "beta": "bia
 KEY = re.compile(r"(?:encoder\.layer\.(?P<layer>\d+)\.)?(?P<module>.+)\.(?P<parameter>weight|bias|gamma|beta)")
 # Buffers transformers writes that fair-esm's module computes itself (`*`: one shared by every layer).
 COMPUTED = re.compile(r"(?:.*\.)?(?:rotary_embeddings\.inv_freq|position_ids)")
+# transformers 4 gives every ESM model a learned absolute position table and saves it, the hub's ESM-2 files
+# included; with rotary positions (read_config refuses any other) its forward never reads it.
+UNUSED_POSITION_TABLE = "embeddings.position_embeddings.weight"
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,7 @@ def _encoder_names(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict[s
         name = key.removeprefix("esm.")
         if name.split(".")[0] in HEADS:
             heads.add(name.split(".")[0])
-        elif not COMPUTED.fullmatch(name):
+        elif not (COMPUTED.fullmatch(name) or name == UNUSED_POSITION_TABLE):
             fair_esm_name = _fair_esm_name(name)
             if fair_esm_name is None:
                 unknown.append(key)
