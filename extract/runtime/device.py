@@ -61,17 +61,23 @@ def auto_gpu_dtype(capability: tuple[int, int]) -> DtypeChoice:
 
 
 def auto_cpu_dtype(capabilities: Mapping[str, object] | None, source: str) -> DtypeChoice:
-    """bf16 where the CPU reports AMX tiles with bf16 (`amx_tile` and `amx_bf16`, as torch's and Linux's
-    flags name them). Without matrix units bf16's speed depends on the CPU (slower than fp32 on one Xeon
-    with avx512_bf16, several times faster on an AMD EPYC with it: docs/benchmarks.md), so fp32 stays."""
+    """bf16 where the CPU reports bf16 matrix units (`has_bf16_matrix_units`). Without them bf16's speed
+    depends on the CPU (slower than fp32 on one Xeon with avx512_bf16, several times faster on an AMD EPYC
+    with it: docs/benchmarks.md), so fp32 stays."""
     if capabilities is None:
         return DtypeChoice(torch.float32, f"auto: fp32, as bf16 matrix units (AMX) could not be looked for: {source}")
-    if capabilities.get("amx_tile") and capabilities.get("amx_bf16"):
+    if has_bf16_matrix_units(capabilities):
         return DtypeChoice(torch.bfloat16, f"auto: this CPU has bf16 matrix units (AMX, from {source})")
     reason = f"auto: this CPU has no bf16 matrix units (no AMX, from {source})"
     if capabilities.get("avx512_bf16"):
         reason += "; it has avx512_bf16, with which --dtype bf16 can be faster (docs/benchmarks.md)"
     return DtypeChoice(torch.float32, reason)
+
+
+def has_bf16_matrix_units(capabilities: Mapping[str, object]) -> bool:
+    """AMX tiles with their bf16 instructions (`amx_tile` and `amx_bf16`, as torch's and Linux's flags
+    name them)."""
+    return bool(capabilities.get("amx_tile") and capabilities.get("amx_bf16"))
 
 
 def cpu_capabilities() -> tuple[Mapping[str, object] | None, str]:

@@ -10,10 +10,11 @@ head and no work past the highest layer asked for.
 One layer stack runs on a packed batch (each window's tokens in turn, no padding: `tokens.PackedTokens`),
 so no compute is spent on padding; token dropout, the rotary tables and the final norm exist once. The
 attention is the one swappable part:
-- `PADDED`, the CPU default and other devices': the sequences padded into one SDPA call with a
-  key-padding mask (the planner sorts by length, so a batch's sequences are nearly equally long and the
-  padding is small; one call beats one per sequence there: docs/benchmarks.md);
-- `PER_SEQUENCE`: one SDPA call per sequence;
+- `PADDED`, the default on CPUs without AMX and on other devices: the sequences padded into one SDPA
+  call with a key-padding mask (the planner sorts by length, so a batch's sequences are nearly equally
+  long and the padding is small);
+- `PER_SEQUENCE`, the default on CPUs with AMX: one SDPA call per sequence (which of the two is faster
+  depends on the CPU: docs/benchmarks.md);
 - `JAGGED`, the CUDA default: one SDPA call on a jagged nested tensor (PyTorch runs FlashAttention's or
   the memory-efficient kernel's variable-length form on it);
 - `CHUNKED`, the low-memory retry: per sequence, `ATTENTION_CHUNK` queries at a time.
@@ -22,7 +23,7 @@ attention is the one swappable part:
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from esm.model.esm2 import ESM2
 from esm.modules import TransformerLayer
 
 from extract.models.esm2.tokens import PackedTokens
-from extract.runtime.device import to_device
+from extract.runtime.device import cpu_capabilities, has_bf16_matrix_units, to_device
 
 # ESM-2 was trained masking 15% of tokens, 80% of those with <mask>; fair-esm rescales embeddings
 # by the observed mask ratio against that, also at inference and also when nothing is masked.
@@ -49,8 +50,17 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # q
 logging.getLogger("torch.fx._symbolic_trace").addFilter(lambda record: "is_fx_tracing" not in record.getMessage())
 
 
-def default_attention(device: torch.device) -> str:
-    return JAGGED if device.type == "cuda" else PADDED
+def default_attention(device: torch.device, capabilities: Mapping[str, object] | None = None) -> str:
+    """JAGGED on CUDA. On the CPU the faster form on each kind of CPU measured (docs/benchmarks.md):
+    PER_SEQUENCE where it has bf16 matrix units (AMX), PADDED elsewhere; `capabilities` default to what
+    `cpu_capabilities()` reads."""
+    if device.type == "cuda":
+        return JAGGED
+    if device.type == "cpu":
+        capabilities = capabilities if capabilities is not None else cpu_capabilities()[0]
+        if capabilities and has_bf16_matrix_units(capabilities):
+            return PER_SEQUENCE
+    return PADDED
 
 
 def embed_batch(model: ESM2, batch: PackedTokens, repr_layers: Iterable[int],

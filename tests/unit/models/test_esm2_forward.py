@@ -8,7 +8,8 @@ import torch
 from esm.data import BatchConverter
 
 from extract.models.esm2 import forward as esm2_forward
-from extract.models.esm2.forward import ATTENTIONS, CHUNKED, JAGGED, PADDED, PER_SEQUENCE, embed_batch
+from extract.models.esm2.forward import (ATTENTIONS, CHUNKED, JAGGED, PADDED, PER_SEQUENCE, default_attention,
+                                         embed_batch)
 from extract.models.esm2.checkpoints import build_random_esm2, load_model
 from extract.models.esm2.tokens import pack
 from fair_esm_reference import fair_esm_means
@@ -163,6 +164,15 @@ def test_layers_the_model_does_not_have_are_refused(tiny, layers):
     model, alphabet = tiny
     with pytest.raises(ValueError, match="repr_layers"):
         embed_batch(model, _packed(alphabet), layers)
+
+
+def test_the_default_attention_is_per_sequence_on_cpus_with_amx_and_padded_on_other_cpus():
+    cpu = torch.device("cpu")
+    assert default_attention(cpu, {"amx_tile": True, "amx_bf16": True, "avx512_bf16": True}) == PER_SEQUENCE
+    assert default_attention(cpu, {"amx_tile": True, "amx_bf16": False, "avx512_bf16": True}) == PADDED
+    assert default_attention(cpu, {"amx_tile": False, "amx_bf16": False, "avx512_bf16": True}) == PADDED
+    assert default_attention(cpu, {}) == PADDED
+    assert default_attention(torch.device("cuda"), {"amx_tile": True, "amx_bf16": True}) == JAGGED
 
 
 def test_an_attention_that_does_not_exist_is_refused(tiny):
