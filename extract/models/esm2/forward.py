@@ -45,6 +45,11 @@ ATTENTION_CHUNK = 128  # queries per SDPA call of the chunked attention
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # q, k, v rows -> context rows
 
+# oneDNN, which runs the CPU's 16-bit matmuls, builds its kernels anew for every new number of rows, and
+# nearly every batch of a job would bring one: there the layer stack also runs zero rows that fill the
+# batch up to a multiple of this many (a few counts in all), left out of the attention and of the result.
+CPU_ROWS_MULTIPLE = 64
+
 # Building a jagged nested tensor makes torch log a notice about its own internals (torch.fx's
 # is_fx_tracing), once per process; it says nothing to our users.
 logging.getLogger("torch.fx._symbolic_trace").addFilter(lambda record: "is_fx_tracing" not in record.getMessage())
@@ -78,16 +83,23 @@ def embed_batch(model: ESM2, batch: PackedTokens, repr_layers: Iterable[int],
     x = _embed(model, tokens, masked[sequence, None], bounds.diff()[sequence, None])
     positions = to_device(torch.arange(tokens.numel()) - cu_seqlens[host_sequence], device)
     cos, sin = rotary_tables(model, positions)
-    heads = model.attention_heads
+    heads, real = model.attention_heads, len(tokens)
     varlen_attention = _varlen_attention(attention or default_attention(device), cu_seqlens, bounds, sequence,
                                          positions)
+    filler = -real % CPU_ROWS_MULTIPLE if device.type == "cpu" and x.dtype != torch.float32 else 0
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (rows.view(rows.shape[0], heads, -1) for rows in (q, k, v))
+        q, k, v = (rows[:real].view(real, heads, -1) for rows in (q, k, v))
         q, k = (rotate(rows, cos, sin).to(v.dtype) for rows in (q, k))
-        return varlen_attention(q, k, v).reshape(v.shape[0], -1)
+        return _filled(varlen_attention(q, k, v).reshape(real, -1), filler)
 
-    return _encode(model, x, layers, attend)
+    rows = _encode(model, _filled(x, filler), layers, attend)
+    return {layer: values[:real] for layer, values in rows.items()}
+
+
+def _filled(rows: torch.Tensor, filler: int) -> torch.Tensor:
+    """`rows` and `filler` zero rows after them."""
+    return F.pad(rows, (0, 0, 0, filler)) if filler else rows
 
 
 VarlenAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

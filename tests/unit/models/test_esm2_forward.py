@@ -241,3 +241,24 @@ def test_changed_weights_are_used_at_once(tiny):
     expected = _fair_esm(model, tokens, [2])[2][real]
     assert (before[2] - expected).abs().max() > 1e-2
     assert (rows[2] - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("attention", [PER_SEQUENCE, PADDED])
+def test_bf16_cpu_rows_are_the_same_whatever_rows_fill_the_batch(tiny, attention):
+    """On the CPU a 16-bit batch runs with zero rows filling it up to a multiple of CPU_ROWS_MULTIPLE rows:
+    they change no real row, and none of them comes back."""
+    model, alphabet = tiny
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    seqs = _mixed_sequences()[2:]
+    batch = _packed(alphabet, seqs)
+    assert len(batch.tokens) % esm2_forward.CPU_ROWS_MULTIPLE
+    layers = list(range(model.num_layers + 1))
+    with torch.inference_mode():
+        together = embed_batch(model, batch, layers, attention)
+        alone = [embed_batch(model, _packed(alphabet, [seq]), layers, attention) for seq in seqs]
+        expected = _fair_esm(model.float(), _mixed_batch(alphabet)[2:], layers)  # the same bf16-rounded weights
+    real = _mixed_batch(alphabet)[2:].ne(alphabet.padding_idx)
+    for layer in layers:
+        assert together[layer].shape == (len(batch.tokens), model.embed_dim)
+        assert (together[layer].float() - torch.cat([one[layer] for one in alone]).float()).abs().max() <= 0.05
+        torch.testing.assert_close(together[layer].float(), expected[layer][real], atol=0.05, rtol=0.05)
