@@ -16,13 +16,20 @@ from jobs import ESM2_ALPHABET
 
 def assert_complete_and_like_fair_esm(out: Path, fasta: list[Path], fair_esm: tuple, layer: int = 2) -> None:
     """`out` passes check_output against `fasta`, and its mean embeddings equal those of fair-esm's
-    (model, alphabet)."""
+    (model, alphabet): within 1e-4 when computed in fp32, at a cosine of at least 0.999 in bf16 (what
+    `--dtype auto` gives on a CPU with AMX)."""
     assert find_problems(out, fasta) == []
     inputs = read_inputs(fasta, ESM2_ALPHABET)
     model, alphabet = fair_esm
     expected = fair_esm_means(model, alphabet, inputs.sequences, [layer])[layer]
     with h5py.File(out, "r") as f:
-        assert np.abs(f[f"mean/layer_{layer}"][()] - expected).max() <= 1e-4
+        means, dtype = f[f"mean/layer_{layer}"][()], f.attrs["compute_dtype"]
+    if dtype == "fp32":
+        assert np.abs(means - expected).max() <= 1e-4
+    else:
+        assert dtype == "bf16", dtype
+        cosine = (means * expected).sum(1) / (np.linalg.norm(means, axis=1) * np.linalg.norm(expected, axis=1))
+        assert cosine.min() >= 0.999, cosine.min()
 
 
 def read_all(out: Path) -> tuple[dict, dict]:

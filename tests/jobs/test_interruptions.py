@@ -107,7 +107,8 @@ def test_sigterm_to_torchrun_stops_every_rank_then_rerun_resumes(tmp_path, long_
 @pytest.mark.parametrize("extra", [[], ["--overwrite"]], ids=["plain", "overwrite"])  # a restart reruns the argv
 def test_the_launcher_restarts_killed_ranks_and_the_restart_resumes(tmp_path, long_job, extra):
     out = tmp_path / "out.h5"
-    job = subprocess.Popen([str(LOCAL_LAUNCHER), *long_job.args(out, *extra)], cwd=tmp_path, text=True,
+    job = subprocess.Popen([str(LOCAL_LAUNCHER), *long_job.args(out, *extra, "--dtype", "fp32")], cwd=tmp_path,
+                           text=True,
                            env=launch_env(NPROC=2, MAX_RESTARTS=1, LOG_DIR=tmp_path / "logs"),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     workers = worker_pids(job.pid, 2)
