@@ -9,13 +9,9 @@ import torch
 from extract.runtime.device import choose_dtype, dtype_name
 from fair_esm_reference import fair_esm_tokens
 from jobs import job_args, phage_sample, run_extract, run_in_process, write_fasta
+from output_checks import lowest_cosine
 
 LAYERS = [0, 1, 2]
-
-
-def _lowest_cosine(ours: np.ndarray, theirs: np.ndarray) -> float:
-    cosine = (ours * theirs).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(theirs, axis=-1))
-    return float(cosine.min())
 
 
 def test_a_bf16_job_keeps_mean_bos_and_residue_rows_close_to_fp32_fair_esm(tmp_path, tiny_model_path, fair_esm_tiny,
@@ -34,11 +30,11 @@ def test_a_bf16_job_keeps_mean_bos_and_residue_rows_close_to_fp32_fair_esm(tmp_p
         for layer in LAYERS:
             theirs_bos = np.stack([rows[layer][0] for rows in expected])
             theirs_mean = np.stack([rows[layer][1:].mean(0) for rows in expected])
-            assert _lowest_cosine(f[f"bos/layer_{layer}"][()], theirs_bos) >= 0.999
-            assert _lowest_cosine(f[f"mean/layer_{layer}"][()], theirs_mean) >= 0.999
+            assert lowest_cosine(f[f"bos/layer_{layer}"][()], theirs_bos) >= 0.999
+            assert lowest_cosine(f[f"mean/layer_{layer}"][()], theirs_mean) >= 0.999
             per_tok = f[f"per_tok/layer_{layer}"][()]
             for row, rows in enumerate(expected):
-                assert _lowest_cosine(per_tok[offsets[row]:offsets[row + 1]], rows[layer][1:]) >= 0.999
+                assert lowest_cosine(per_tok[offsets[row]:offsets[row + 1]], rows[layer][1:]) >= 0.999
         # bf16 indeed: not fp32's agreement (<= 1e-4) with fair-esm
         assert np.abs(f["mean/layer_2"][()] - np.stack([rows[2][1:].mean(0) for rows in expected])).max() > 1e-4
 

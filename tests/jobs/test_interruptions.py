@@ -13,7 +13,7 @@ from extract.errors import peers_lost
 from extract.output.lock import lock_path
 from extract.engine.planning import plan_batches
 from job_control import is_running, start_extract, wait_for_done, wait_for_done_rows, worker_pids
-from jobs import REPO, run_extract
+from jobs import FP32, REPO, run_extract
 from long_job import ROWS
 from output_checks import read_all
 
@@ -107,8 +107,7 @@ def test_sigterm_to_torchrun_stops_every_rank_then_rerun_resumes(tmp_path, long_
 @pytest.mark.parametrize("extra", [[], ["--overwrite"]], ids=["plain", "overwrite"])  # a restart reruns the argv
 def test_the_launcher_restarts_killed_ranks_and_the_restart_resumes(tmp_path, long_job, extra):
     out = tmp_path / "out.h5"
-    job = subprocess.Popen([str(LOCAL_LAUNCHER), *long_job.args(out, *extra, "--dtype", "fp32")], cwd=tmp_path,
-                           text=True,
+    job = subprocess.Popen([str(LOCAL_LAUNCHER), *long_job.args(out, *extra, *FP32)], cwd=tmp_path, text=True,
                            env=launch_env(NPROC=2, MAX_RESTARTS=1, LOG_DIR=tmp_path / "logs"),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     workers = worker_pids(job.pid, 2)

@@ -256,8 +256,9 @@ def test_bf16_cpu_rows_are_the_same_whatever_rows_fill_the_batch(tiny, attention
     with torch.inference_mode():
         together = embed_batch(model, batch, layers, attention)
         alone = [embed_batch(model, _packed(alphabet, [seq]), layers, attention) for seq in seqs]
-        expected = _fair_esm(model.float(), _mixed_batch(alphabet)[2:], layers)  # the same bf16-rounded weights
-    real = _mixed_batch(alphabet)[2:].ne(alphabet.padding_idx)
+        padded = _mixed_batch(alphabet)[2:]
+        expected = _fair_esm(model.float(), padded, layers)  # the same bf16-rounded weights
+    real = padded.ne(alphabet.padding_idx)
     for layer in layers:
         assert together[layer].shape == (len(batch.tokens), model.embed_dim)
         assert (together[layer].float() - torch.cat([one[layer] for one in alone]).float()).abs().max() <= 0.05
