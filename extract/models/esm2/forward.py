@@ -13,8 +13,9 @@ attention is the one swappable part:
 - `PADDED`, the default on CPUs without AMX and on other devices: the sequences padded into one SDPA
   call with a key-padding mask (the planner sorts by length, so a batch's sequences are nearly equally
   long and the padding is small);
-- `PER_SEQUENCE`, the default on CPUs with AMX: one SDPA call per sequence (which of the two is faster
-  depends on the CPU: docs/benchmarks.md);
+- `PER_SEQUENCE`, the default on CPUs with AMX: one SDPA call per sequence, in bf16 and fp16 its keys
+  padded to a multiple of `KEYS_MULTIPLE` and masked (which of the two is faster depends on the CPU:
+  docs/benchmarks.md);
 - `JAGGED`, the CUDA default: one SDPA call on a jagged nested tensor (PyTorch runs FlashAttention's or
   the memory-efficient kernel's variable-length form on it);
 - `CHUNKED`, the low-memory retry: per sequence, `ATTENTION_CHUNK` queries at a time.
@@ -22,6 +23,7 @@ attention is the one swappable part:
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Callable, Iterable, Mapping
 
@@ -42,6 +44,10 @@ ATTENTIONS = (PER_SEQUENCE, JAGGED, PADDED, CHUNKED)
 # CUDA's flash and memory-efficient kernels put the sequences of a call on a grid axis of at most 65535.
 SEQUENCES_PER_JAGGED_CALL = 65535
 ATTENTION_CHUNK = 128  # queries per SDPA call of the chunked attention
+# In bf16 and fp16, torch's CPU flash-attention kernel takes its packed AMX path only when the key count
+# is a multiple of 16, 1.2 to 1.6 times as fast (docs/benchmarks.md): PER_SEQUENCE pads each sequence's
+# keys to one there. In fp32 the padding only costs.
+KEYS_MULTIPLE = 16
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # q, k, v rows -> context rows
 
@@ -84,9 +90,10 @@ def embed_batch(model: ESM2, batch: PackedTokens, repr_layers: Iterable[int],
     positions = to_device(torch.arange(tokens.numel()) - cu_seqlens[host_sequence], device)
     cos, sin = rotary_tables(model, positions)
     heads, real = model.attention_heads, len(tokens)
+    cpu_reduced_precision = device.type == "cpu" and x.dtype != torch.float32
     varlen_attention = _varlen_attention(attention or default_attention(device), cu_seqlens, bounds, sequence,
-                                         positions)
-    filler = -real % CPU_ROWS_MULTIPLE if device.type == "cpu" and x.dtype != torch.float32 else 0
+                                         positions, KEYS_MULTIPLE if cpu_reduced_precision else 1)
+    filler = -real % CPU_ROWS_MULTIPLE if cpu_reduced_precision else 0
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = (rows[:real].view(real, heads, -1) for rows in (q, k, v))
@@ -106,10 +113,13 @@ VarlenAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
 
 
 def _varlen_attention(attention: str, cu_seqlens: torch.Tensor, offsets: torch.Tensor, sequence: torch.Tensor,
-                      positions: torch.Tensor) -> VarlenAttention:
+                      positions: torch.Tensor, keys_multiple: int) -> VarlenAttention:
     """Attention of packed (N, heads, head_dim) q, k, v, each token attending to its own sequence's tokens:
     `cu_seqlens` the sequences' bounds on the host, `offsets` the same on the device, `sequence` and
-    `positions` each token's sequence and position in it, on the device."""
+    `positions` each token's sequence and position in it, on the device; PER_SEQUENCE pads each
+    sequence's keys to a multiple of `keys_multiple`."""
+    if attention == PER_SEQUENCE and keys_multiple > 1:
+        return _aligned_per_sequence_attention(cu_seqlens, keys_multiple)
     if attention == PER_SEQUENCE:
         return _per_sequence_attention(cu_seqlens.tolist())
     if attention == CHUNKED:
@@ -136,6 +146,40 @@ def _per_sequence_attention(bounds: list[int], queries_per_call: int | None = No
         return context
 
     return attention
+
+
+def _aligned_per_sequence_attention(cu_seqlens: torch.Tensor, keys_multiple: int) -> VarlenAttention:
+    """One SDPA call per sequence, each padded to a multiple of `keys_multiple` rows with its padding keys
+    masked: the same context, and torch's CPU flash kernel runs its AMX path on such key counts. The
+    padded copies of q, k and v are made at the first layer, zero in the padding, and refilled by each."""
+    bounds = cu_seqlens.tolist()
+    padded_lengths = (-(-cu_seqlens.diff() // keys_multiple) * keys_multiple).tolist()
+    padded_starts = [0, *itertools.accumulate(padded_lengths)]
+    calls: list[tuple[int, int, int, int, torch.Tensor | None]] = []
+    padded_copies: list[torch.Tensor] = []
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not calls:
+            padded_copies.extend(q.new_zeros((padded_starts[-1], *q.shape[1:])) for _ in range(3))
+            calls.extend((start, end, padded_start, padded_start + padded,
+                          _real_keys_mask(end - start, padded, q.device))
+                         for start, end, padded_start, padded in
+                         zip(bounds[:-1], bounds[1:], padded_starts, padded_lengths))
+        context = torch.empty_like(v)
+        for start, end, padded_start, padded_end, mask in calls:
+            rows = [copy[padded_start:padded_end] for copy in padded_copies]
+            for padded, packed in zip(rows, (q, k, v)):
+                padded[: end - start] = packed[start:end]
+            one = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in rows), attn_mask=mask)
+            context[start:end] = one[0, :, : end - start].transpose(0, 1)
+        return context
+
+    return attention
+
+
+def _real_keys_mask(length: int, padded: int, device: torch.device) -> torch.Tensor | None:
+    """SDPA's mask of a sequence's `length` real keys among `padded`; None when all are real."""
+    return None if length == padded else (torch.arange(padded, device=device) < length)[None, None, None, :]
 
 
 def _padded_attention(lengths: torch.Tensor, sequence: torch.Tensor, positions: torch.Tensor) -> VarlenAttention:

@@ -117,6 +117,31 @@ def test_chunked_attention_takes_queries_a_block_at_a_time(tiny, monkeypatch):
     assert shapes == [(128, 1024)] * 8
 
 
+# Each window's SDPA call: (keys, real keys where a mask hides padding ones), for layer 1.
+PLAIN_CALLS = [(1024, None), (1024, None), (402, None), (39, None), (7, None), (3, None), (80, None)]
+CALLS_OF_16 = [(1024, None), (1024, None), (416, 402), (48, 39), (16, 7), (16, 3), (80, None)]
+
+
+@pytest.mark.parametrize("dtype, calls", [(torch.bfloat16, CALLS_OF_16), (torch.float32, PLAIN_CALLS)])
+def test_per_sequence_attention_pads_keys_to_a_multiple_of_16_in_bf16_only(tiny, monkeypatch, dtype, calls):
+    """torch's CPU flash kernel runs its AMX path in bf16 on key counts of a multiple of 16: there each
+    sequence's call is padded to one, its padding keys masked (the rows' agreement with fair-esm is
+    checked above and below); in fp32 the padding would only cost."""
+    model, alphabet = tiny
+    model = copy.deepcopy(model).to(dtype)
+    seen = []
+
+    def counted(q, k, v, attn_mask=None, **kwargs):
+        seen.append((k.shape[-2], None if attn_mask is None else int(attn_mask.sum())))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(esm2_forward.F, "scaled_dot_product_attention", counted)
+    with torch.inference_mode():
+        embed_batch(model, _packed(alphabet), [1], PER_SEQUENCE)
+    assert seen == calls
+
+
 def test_jagged_calls_of_at_most_so_many_sequences_give_the_same_rows(tiny, monkeypatch):
     """CUDA's varlen kernels take at most 65535 sequences a call; a batch of more is split: here 7 into 3 + 3 + 1."""
     model, alphabet = tiny
