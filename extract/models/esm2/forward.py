@@ -150,21 +150,20 @@ def _per_sequence_attention(bounds: list[int], queries_per_call: int | None = No
 
 def _aligned_per_sequence_attention(cu_seqlens: torch.Tensor, keys_multiple: int) -> VarlenAttention:
     """One SDPA call per sequence, each padded to a multiple of `keys_multiple` rows with its padding keys
-    masked: the same context, and torch's CPU flash kernel runs its AMX path on such key counts. The
-    padded copies of q, k and v are made at the first layer, zero in the padding, and refilled by each."""
-    bounds = cu_seqlens.tolist()
-    padded_lengths = (-(-cu_seqlens.diff() // keys_multiple) * keys_multiple).tolist()
+    masked: the same context, and torch's CPU flash kernel runs its AMX path on such key counts (CPU
+    only). The padded copies of q, k and v are made at the first layer, zero in the padding, and
+    refilled by each."""
+    bounds, lengths = cu_seqlens.tolist(), cu_seqlens.diff()
+    padded_lengths = (-(-lengths // keys_multiple) * keys_multiple).tolist()
     padded_starts = [0, *itertools.accumulate(padded_lengths)]
-    calls: list[tuple[int, int, int, int, torch.Tensor | None]] = []
+    calls = [(start, end, padded_start, padded_start + padded, _real_keys_mask(lengths[i : i + 1], padded))
+             for i, (start, end, padded_start, padded) in
+             enumerate(zip(bounds[:-1], bounds[1:], padded_starts, padded_lengths))]
     padded_copies: list[torch.Tensor] = []
 
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if not calls:
+        if not padded_copies:
             padded_copies.extend(q.new_zeros((padded_starts[-1], *q.shape[1:])) for _ in range(3))
-            calls.extend((start, end, padded_start, padded_start + padded,
-                          _real_keys_mask(end - start, padded, q.device))
-                         for start, end, padded_start, padded in
-                         zip(bounds[:-1], bounds[1:], padded_starts, padded_lengths))
         context = torch.empty_like(v)
         for start, end, padded_start, padded_end, mask in calls:
             rows = [copy[padded_start:padded_end] for copy in padded_copies]
@@ -177,18 +176,20 @@ def _aligned_per_sequence_attention(cu_seqlens: torch.Tensor, keys_multiple: int
     return attention
 
 
-def _real_keys_mask(length: int, padded: int, device: torch.device) -> torch.Tensor | None:
-    """SDPA's mask of a sequence's `length` real keys among `padded`; None when all are real."""
-    return None if length == padded else (torch.arange(padded, device=device) < length)[None, None, None, :]
+def _real_keys_mask(lengths: torch.Tensor, keys: int) -> torch.Tensor | None:
+    """SDPA's (sequences, 1, 1, keys) host mask of each sequence's first `lengths` keys, the real ones;
+    None when all are real (the unmasked kernels are faster)."""
+    real = torch.arange(keys)[None, :] < lengths[:, None]
+    return None if real.all() else real[:, None, None, :]
 
 
 def _padded_attention(lengths: torch.Tensor, sequence: torch.Tensor, positions: torch.Tensor) -> VarlenAttention:
     """One SDPA call on the sequences padded to the longest, with a mask of the real keys (none when all
-    are as long: the unmasked kernels are faster)."""
+    are as long)."""
     batch, longest = len(lengths), int(lengths.max())
     padded_row = sequence * longest + positions
-    real = torch.arange(longest)[None, :] < lengths[:, None]
-    key_mask = None if real.all() else to_device(real, sequence.device)[:, None, None, :]
+    key_mask = _real_keys_mask(lengths, longest)
+    key_mask = key_mask if key_mask is None else to_device(key_mask, sequence.device)
 
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = (x.new_zeros((batch * longest, *x.shape[1:])).index_copy_(0, padded_row, x)
