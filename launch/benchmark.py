@@ -12,6 +12,8 @@ FastaBatchedDataset, get_batch_indices, its batch converter, its model's forward
 with torch.save. `--fair-esm-autocast` runs that forward under bf16 autocast (the seed plan's approach).
 The peers (launch/benchmark_peers.py; optional, `pip install -e '.[bench]'`, each skipped with a line where
 it is not installed): transformers' EsmModel with SDPA in our dtype, esm.cpp in fp32 and in int8 (CPU only).
+A peer still running after `--peer-timeout` seconds is stopped and left out (of the table and the later
+rounds) with a line saying so: one that crawls on a CPU it was not built for does not hold up the others.
 On a GPU the table adds tokens/s and the achieved TFLOP/s against the device's measured bf16 matrix peak.
 """
 
@@ -62,6 +64,8 @@ def create_parser() -> argparse.ArgumentParser:
                         help="our compute dtype, and transformers' (auto: as the job picks it)")
     parser.add_argument("--peers", nargs="*", choices=list(benchmark_peers.PEERS), default=list(benchmark_peers.PEERS),
                         help="the peers to run besides fair-esm and ours (default: all; none: --peers alone)")
+    parser.add_argument("--peer-timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop a peer's process after this long and leave the peer out (default: no limit)")
     parser.add_argument("--fair-esm-autocast", action="store_true", help="fair-esm under bf16 autocast")
     parser.add_argument("--toks-per-batch", type=int, default=4096, help="every tool's token budget")
     parser.add_argument("--rounds", type=int, default=3)
@@ -167,12 +171,20 @@ def peer_inputs(peers: list[str], model_path: Path, fasta: Path, toks_per_batch:
             + (["--batches", str(batches), "--dtype", dtype] if peer == "transformers" else []) for peer in peers}
 
 
-def whole_process(command: list[str], threads: int) -> tuple[float, str]:
-    """Wall seconds and stdout of a whole process, imports and model loading included."""
+class PeerTimedOut(Exception):
+    """A peer's process ran past --peer-timeout and was killed."""
+
+
+def whole_process(command: list[str], threads: int, timeout: float | None = None) -> tuple[float, str]:
+    """Wall seconds and stdout of a whole process, imports and model loading included; PeerTimedOut
+    once it has run `timeout` seconds (it is killed then)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "ESM_NUM_THREADS": str(threads)}  # esm.cpp's thread pool
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        raise PeerTimedOut(f"still running after {timeout:g} s (--peer-timeout): stopped") from expired
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"benchmark: {' '.join(command[:5])} ... failed:\n{done.stderr[-3000:]}")
@@ -185,7 +197,7 @@ def run_worker(tool: str, args: argparse.Namespace, fasta: Path, workdir: Path, 
     script = [__file__] if tool == FAIR_ESM else [benchmark_peers.__file__, tool]
     command = [sys.executable, *script, "--fasta", str(fasta), "--out-dir", str(out), "--device", args.device,
                *options]
-    seconds, stdout = whole_process(command, args.threads)
+    seconds, stdout = whole_process(command, args.threads, None if tool == FAIR_ESM else args.peer_timeout)
     return {"process_seconds": seconds, "out": out, **json.loads(stdout.strip().splitlines()[-1])}
 
 
@@ -309,11 +321,15 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
                **peer_inputs(peers, model_path, fasta, args.toks_per_batch, workdir, dtype)}
     peak = measured_bf16_peak(args.device) if args.device == "cuda" else None
     tools = [FAIR_ESM, OURS, *peers]
-    runs = {tool: [] for tool in tools}
+    runs, stopped = {tool: [] for tool in tools}, {}
     for _ in range(args.rounds):
         for tool in tools:
-            runs[tool].append(run_ours(args, model_path, fasta, workdir) if tool == OURS else
-                              run_worker(tool, args, fasta, workdir, options[tool]))
+            try:
+                runs[tool].append(run_ours(args, model_path, fasta, workdir) if tool == OURS else
+                                  run_worker(tool, args, fasta, workdir, options[tool]))
+            except PeerTimedOut as timed_out:
+                stopped[tool] = str(timed_out)
+        tools = [tool for tool in tools if tool not in stopped]
     ids = read_inputs([fasta], ESM2_ALPHABET).ids
     reference = mean_embeddings(FAIR_ESM, runs[FAIR_ESM][-1], ids, shape["layers"])
     rows = {tool: _row(tool_name(tool, args, dtype), runs[tool], shape, peak) for tool in tools}
@@ -327,7 +343,7 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
     print(json.dumps({"model": shape, "device": args.device, "threads": args.threads, "rounds": args.rounds,
                       "toks_per_batch": args.toks_per_batch, "dtype": dtype, "dtype_reason": choice.reason,
                       "machine": machine(), "bf16_peak_TFLOP_per_s": round(peak / 1e12, 1) if peak else None}))
-    for line in [*skipped, *rows.values()]:
+    for line in [*skipped, *({"tool": tool, "stopped": why} for tool, why in stopped.items()), *rows.values()]:
         print(json.dumps(line))
     return list(rows.values())
 

@@ -5,6 +5,9 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
+
+import pytest
 
 from crafted_checkpoints import code_running_fair_esm_pt
 from jobs import REPO, clean_env, phage_sample, write_fasta
@@ -57,6 +60,30 @@ def test_the_benchmark_runs_every_tool_and_checks_each_against_fair_esms_output(
     if "transformers" in installed:
         assert peers[0]["tool"].endswith("EsmModel, SDPA (fp32)")
         assert peers[0]["padding_share"] == fair_esm["padding_share"]  # fair-esm's batches
+
+
+def test_a_peer_still_running_at_the_peer_timeout_is_stopped_and_left_out_with_a_line(tmp_path, tiny_model_path,
+                                                                                     phage_dir):
+    if missing_module("transformers"):
+        pytest.skip(missing_module("transformers"))
+    fasta = write_fasta(tmp_path / "in.fasta", phage_sample(phage_dir, 2, long=0))
+    done = subprocess.run([sys.executable, str(REPO / "launch" / "benchmark.py"), "--model", str(tiny_model_path),
+                           "--fasta", str(fasta), "--threads", "1", "--rounds", "2", "--dtype", "fp32",
+                           "--peers", "transformers", "--peer-timeout", "0.2", "--workdir", str(tmp_path / "work")],
+                          env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    _, *lines = (json.loads(line) for line in done.stdout.splitlines())
+    assert lines[0] == {"tool": "transformers", "stopped": "still running after 0.2 s (--peer-timeout): stopped"}
+    assert [line["tool"] for line in lines[1:]] == ["fair-esm extract (fp32)", "esm-features (fp32)"]
+    worker_runs = [out for out in (tmp_path / "work").iterdir() if out.name.startswith("tmp")]
+    assert len(worker_runs) == 3  # fair-esm twice, the peer in the first round only
+
+
+def test_whole_process_kills_a_process_at_its_timeout():
+    started = time.perf_counter()
+    with pytest.raises(benchmark.PeerTimedOut, match=r"^still running after 1 s \(--peer-timeout\): stopped$"):
+        benchmark.whole_process([sys.executable, "-c", "import time; time.sleep(60)"], threads=1, timeout=1)
+    assert time.perf_counter() - started < 30
 
 
 def test_a_model_whose_loading_would_run_code_is_refused_in_one_line_and_never_runs(tmp_path, capsys):
