@@ -10,12 +10,12 @@ head and no work past the highest layer asked for.
 One layer stack runs on a packed batch (each window's tokens in turn, no padding: `tokens.PackedTokens`),
 so no compute is spent on padding; token dropout, the rotary tables and the final norm exist once. The
 attention is the one swappable part:
-- `PADDED`, the default on CPUs without AMX and on other devices: the sequences padded into one SDPA
-  call with a key-padding mask (the planner sorts by length, so a batch's sequences are nearly equally
-  long and the padding is small);
-- `PER_SEQUENCE`, the default on CPUs with AMX: one SDPA call per sequence, in bf16 and fp16 its keys
-  padded to a multiple of `KEYS_MULTIPLE` and masked (which of the two is faster depends on the CPU:
-  docs/benchmarks.md);
+- `PADDED`, the default for bf16 and fp16 on CPUs without AMX and on other devices: the sequences padded
+  into one SDPA call with a key-padding mask (the planner sorts by length, so a batch's sequences are
+  nearly equally long and the padding is small);
+- `PER_SEQUENCE`, the default for fp32 on every CPU and for bf16 and fp16 on CPUs with AMX: one SDPA call
+  per sequence, in bf16 and fp16 its keys padded to a multiple of `KEYS_MULTIPLE` and masked (which of
+  the two is faster depends on the CPU and the dtype: docs/benchmarks.md);
 - `JAGGED`, the CUDA default: one SDPA call on a jagged nested tensor (PyTorch runs FlashAttention's or
   the memory-efficient kernel's variable-length form on it);
 - `CHUNKED`, the low-memory retry: per sequence, `ATTENTION_CHUNK` queries at a time.
@@ -61,13 +61,16 @@ CPU_ROWS_MULTIPLE = 64
 logging.getLogger("torch.fx._symbolic_trace").addFilter(lambda record: "is_fx_tracing" not in record.getMessage())
 
 
-def default_attention(device: torch.device, capabilities: Mapping[str, object] | None = None) -> str:
+def default_attention(device: torch.device, dtype: torch.dtype,
+                      capabilities: Mapping[str, object] | None = None) -> str:
     """JAGGED on CUDA. On the CPU the faster form on each kind of CPU measured (docs/benchmarks.md):
-    PER_SEQUENCE where it has bf16 matrix units (AMX), PADDED elsewhere; `capabilities` default to what
-    `cpu_capabilities()` reads."""
+    PER_SEQUENCE in fp32, and in 16 bits where the CPU has bf16 matrix units (AMX); PADDED elsewhere.
+    `capabilities` default to what `cpu_capabilities()` reads."""
     if device.type == "cuda":
         return JAGGED
     if device.type == "cpu":
+        if dtype == torch.float32:
+            return PER_SEQUENCE
         capabilities = capabilities if capabilities is not None else cpu_capabilities()[0]
         if capabilities and has_bf16_matrix_units(capabilities):
             return PER_SEQUENCE
@@ -78,7 +81,7 @@ def embed_batch(model: ESM2, batch: PackedTokens, repr_layers: Iterable[int],
                 attention: str | None = None) -> dict[int, torch.Tensor]:
     """{absolute layer: (tokens, D) rows on the model's device} for a packed host batch: window i's rows
     are `batch.offsets[i]:batch.offsets[i + 1]`. Layer 0 is the embeddings after token-dropout scaling, and
-    the last layer has emb_layer_norm_after applied. `attention` defaults to `default_attention(device)`."""
+    the last layer has emb_layer_norm_after applied. `attention` defaults to `default_attention`'s choice."""
     layers = _check_layers(model, repr_layers)
     device = model.embed_tokens.weight.device
     tokens, cu_seqlens = to_device(batch.tokens, device), batch.offsets
@@ -91,8 +94,8 @@ def embed_batch(model: ESM2, batch: PackedTokens, repr_layers: Iterable[int],
     cos, sin = rotary_tables(model, positions)
     heads, real = model.attention_heads, len(tokens)
     cpu_reduced_precision = device.type == "cpu" and x.dtype != torch.float32
-    varlen_attention = _varlen_attention(attention or default_attention(device), cu_seqlens, bounds, sequence,
-                                         positions, KEYS_MULTIPLE if cpu_reduced_precision else 1)
+    varlen_attention = _varlen_attention(attention or default_attention(device, x.dtype), cu_seqlens, bounds,
+                                         sequence, positions, KEYS_MULTIPLE if cpu_reduced_precision else 1)
     filler = -real % CPU_ROWS_MULTIPLE if cpu_reduced_precision else 0
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -191,13 +191,17 @@ def test_layers_the_model_does_not_have_are_refused(tiny, layers):
         embed_batch(model, _packed(alphabet), layers)
 
 
-def test_the_default_attention_is_per_sequence_on_cpus_with_amx_and_padded_on_other_cpus():
-    cpu = torch.device("cpu")
-    assert default_attention(cpu, {"amx_tile": True, "amx_bf16": True, "avx512_bf16": True}) == PER_SEQUENCE
-    assert default_attention(cpu, {"amx_tile": True, "amx_bf16": False, "avx512_bf16": True}) == PADDED
-    assert default_attention(cpu, {"amx_tile": False, "amx_bf16": False, "avx512_bf16": True}) == PADDED
-    assert default_attention(cpu, {}) == PADDED
-    assert default_attention(torch.device("cuda"), {"amx_tile": True, "amx_bf16": True}) == JAGGED
+def test_the_default_cpu_attention_is_per_sequence_in_fp32_and_with_amx_and_padded_for_16_bits_without_amx():
+    cpu, amx = torch.device("cpu"), {"amx_tile": True, "amx_bf16": True, "avx512_bf16": True}
+    for dtype in (torch.bfloat16, torch.float16):
+        assert default_attention(cpu, dtype, amx) == PER_SEQUENCE
+        assert default_attention(cpu, dtype, {**amx, "amx_bf16": False}) == PADDED
+        assert default_attention(cpu, dtype, {"amx_tile": False, "amx_bf16": False, "avx512_bf16": True}) == PADDED
+        assert default_attention(cpu, dtype, {}) == PADDED
+    for capabilities in (amx, {"amx_tile": False, "amx_bf16": False, "avx512_bf16": True}, {}):
+        assert default_attention(cpu, torch.float32, capabilities) == PER_SEQUENCE
+    for dtype in (torch.float32, torch.bfloat16):
+        assert default_attention(torch.device("cuda"), dtype, amx) == JAGGED
 
 
 def test_an_attention_that_does_not_exist_is_refused(tiny):
