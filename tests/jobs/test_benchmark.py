@@ -64,9 +64,7 @@ def test_the_benchmark_runs_every_tool_and_checks_each_against_fair_esms_output(
 
 def test_a_peer_still_running_at_the_peer_timeout_is_stopped_and_left_out_with_a_line(tmp_path, tiny_model_path,
                                                                                      phage_dir):
-    if missing_module("transformers"):
-        pytest.skip(missing_module("transformers"))
-    fasta = write_fasta(tmp_path / "in.fasta", phage_sample(phage_dir, 2, long=0))
+    fasta = write_fasta(tmp_path / "in.fasta", phage_sample(phage_dir, 2, long=0))  # transformers: a test extra
     done = subprocess.run([sys.executable, str(REPO / "launch" / "benchmark.py"), "--model", str(tiny_model_path),
                            "--fasta", str(fasta), "--threads", "1", "--rounds", "2", "--dtype", "fp32",
                            "--peers", "transformers", "--peer-timeout", "0.2", "--workdir", str(tmp_path / "work")],
