@@ -278,8 +278,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def _encode(model: ESM2, x: torch.Tensor, layers: set[int], attend: Attend) -> dict[int, torch.Tensor]:
     """The layer stack on (tokens, D) rows, up to the highest layer asked for."""
     out = {0: x} if 0 in layers else {}
+    hidden = x.new_empty(len(x), model.layers[0].fc1.out_features)
     for index in range(max(layers)):
-        x = _transformer_layer(model.layers[index], x, attend)
+        x = _transformer_layer(model.layers[index], x, attend, hidden)
         if index + 1 in layers:
             out[index + 1] = x
     if model.num_layers in layers:
@@ -287,16 +288,18 @@ def _encode(model: ESM2, x: torch.Tensor, layers: set[int], attend: Attend) -> d
     return out
 
 
-def _transformer_layer(layer: TransformerLayer, x: torch.Tensor, attend: Attend) -> torch.Tensor:
+def _transformer_layer(layer: TransformerLayer, x: torch.Tensor, attend: Attend, hidden: torch.Tensor) -> torch.Tensor:
     """fair-esm's pre-norm layer; `attend` maps q, k and v rows to attention context rows. fair-esm scales q
     before the rotation, SDPA scales the scores after it: the same head_dim ** -0.5. The three projections stay
-    apart: stacking them would copy their weights (docs/benchmarks.md has the measurements)."""
+    apart: stacking them would copy their weights. The feed-forward's (tokens, ffn) activations, the largest
+    tensors of the layer, go into `hidden`, one buffer for all the layers of a batch: on the CPU a new one
+    per layer costs the page faults of fresh memory (docs/benchmarks.md has the measurements)."""
     attention = layer.self_attn
     normed = _layer_norm(layer.self_attn_layer_norm, x)
     q, k, v = (F.linear(normed, p.weight, p.bias) for p in (attention.q_proj, attention.k_proj, attention.v_proj))
     x = _linear_residual(attention.out_proj, attend(q, k, v), x)
-    hidden = F.gelu(layer.fc1(_layer_norm(layer.final_layer_norm, x)))
-    return _linear_residual(layer.fc2, hidden, x)
+    torch.addmm(layer.fc1.bias, _layer_norm(layer.final_layer_norm, x), layer.fc1.weight.t(), out=hidden)
+    return _linear_residual(layer.fc2, torch.ops.aten.gelu_(hidden), x)
 
 
 def _layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:

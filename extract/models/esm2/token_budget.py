@@ -14,9 +14,10 @@ def memory_token_budget(free_bytes: int, dtype: torch.dtype, embed_dim: int, lay
     fragmentation, pooling's copies), at least the seed plan's 2048 (fp32) / 3072 (16-bit), at most
     MAX_TOKEN_BUDGET (batches big enough to fill the device, small enough to keep ranks balanced).
 
-    Per token, in the compute dtype: about 20 rows of `embed_dim` live at a layer's peak (residual,
-    norm, q, k, v and their rotated copies, context, the 4x MLP hidden and its GELU) plus one per
-    layer kept for the outputs; in fp32: q and k rotated, and the kept residues summed for the means.
+    Per token, in the compute dtype: 20 rows of `embed_dim` for the 16 that live at a layer's peak
+    (residual, norm, q, k, v and their rotated copies, context, the 4x MLP hidden, which its GELU
+    overwrites) plus one per layer kept for the outputs; in fp32: q and k rotated, and the kept residues
+    summed for the means.
     `scores_per_token` counts the attention scores a forward materialises per token and head (fair-esm's:
     the window; none for SDPA's kernels), held in fp32 with their softmax."""
     element = torch.finfo(dtype).bits // 8
