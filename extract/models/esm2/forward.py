@@ -4,8 +4,9 @@ Reads a fair-esm `ESM2` module's own weights unchanged and computes what
 `model(tokens, repr_layers=...)["representations"]` computes for every real token, except that: attention
 runs through `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU, the fused flash
 kernel on CPU) instead of materialising the score matrix; rotary embeddings are computed in fp32 whatever
-the model's dtype; the residual is added inside the output matmuls; and there is no LM head, no contact
-head and no work past the highest layer asked for.
+the model's dtype; the residual is added inside the output matmuls; every layer's feed-forward writes its
+activations, GELU included, into one buffer per batch; and there is no LM head, no contact head and no
+work past the highest layer asked for.
 
 One layer stack runs on a packed batch (each window's tokens in turn, no padding: `tokens.PackedTokens`),
 so no compute is spent on padding; token dropout, the rotary tables and the final norm exist once. The
