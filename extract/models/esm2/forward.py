@@ -78,6 +78,7 @@ def default_attention(device: torch.device, dtype: torch.dtype,
     return PADDED
 
 
+@torch.no_grad()
 def embed_batch(model: ESM2, batch: PackedTokens, repr_layers: Iterable[int],
                 attention: str | None = None) -> dict[int, torch.Tensor]:
     """{absolute layer: (tokens, D) rows on the model's device} for a packed host batch: window i's rows

@@ -253,6 +253,16 @@ def test_bf16_low_memory_forward_rotates_in_fp32_like_the_fast_one():
     assert error["low memory"] <= 1.5 * error["fast"], error
 
 
+def test_rows_are_fair_esms_with_autograd_on(tiny):
+    """A caller outside inference mode, with weights that require grad (a model being fine-tuned), gets
+    the same rows: the forward writes into its own buffers, which autograd would refuse."""
+    model, alphabet = tiny
+    assert all(p.requires_grad for p in model.parameters()) and torch.is_grad_enabled()
+    tokens = _mixed_batch(alphabet)
+    rows = embed_batch(model, _packed(alphabet), [2])[2]
+    assert (rows - _fair_esm(model, tokens, [2])[2][tokens.ne(alphabet.padding_idx)]).abs().max() <= 1e-4
+
+
 def test_changed_weights_are_used_at_once(tiny):
     """Every call reads the model's weights as they are: changed in place or replaced, they are used at once."""
     model, alphabet = tiny
